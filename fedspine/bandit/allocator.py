@@ -1,0 +1,378 @@
+"""The allocator: one bandit per device, choosing each device's (pruning ratio, LoRA rank) per round."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Union
+
+import numpy as np
+
+from fedspine.bandit.arms import Arm, ArmSpace
+from fedspine.bandit.policies import POLICIES, make_policy
+from fedspine.bandit.reward import RewardConfig, combine, loss_gain
+
+DeviceId = Union[str, int]
+
+_EXTRA_KEYS = ("achieved_ratio", "update_norm", "failed")
+_STATE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class RoundReport:
+    """What one device reports after a round (or ``failed=True`` if it never finished).
+
+    ``achieved_ratio`` defaults to the arm's ratio; ``update_norm`` (Frobenius norm of the
+    device's LoRA update) is optional. Times are seconds, losses are the local training loss
+    before and after the round's local steps.
+    """
+
+    device_id: DeviceId
+    arm: Arm
+    round_time_s: float | None = None
+    loss_before: float | None = None
+    loss_after: float | None = None
+    achieved_ratio: float | None = None
+    update_norm: float | None = None
+    failed: bool = False
+
+
+class Allocator:
+    """Chooses every device's arm each round and learns from what the round reported.
+
+    It knows nothing about device speed or bandwidth: each device has its own bandit (a lane of
+    ``policy``), fed with the reward of :class:`~fedspine.bandit.reward.RewardConfig`. All
+    randomness comes from ``seed``; :meth:`state_dict` is plain JSON and a restored allocator
+    makes exactly the same future choices.
+
+    Use it inside any FL loop::
+
+        alloc = Allocator(ArmSpace.grid([0.0, 0.2, 0.4, 0.6], [4, 8, 16]), seed=0)
+        for rnd in range(1, rounds + 1):
+            arms = alloc.assign(devices, rnd)               # {device_id: Arm(ratio, rank)}
+            reports = [train_on(d, arms[d]) for d in devices]  # -> RoundReport each
+            rewards = alloc.observe_round(reports)
+
+    Devices unseen before start with no history; a device absent for some rounds keeps its
+    history; an assignment never observed by the next :meth:`assign` counts as a failure
+    (reward 0). Rejected calls raise ``ValueError`` naming the argument and change nothing.
+    """
+
+    def __init__(
+        self,
+        space: ArmSpace,
+        policy: str = "s-ucb",
+        policy_params: Mapping[str, Any] | None = None,
+        reward: RewardConfig | None = None,
+        seed: int = 0,
+    ):
+        if not isinstance(space, ArmSpace):
+            raise ValueError(f"space must be an ArmSpace, got {type(space).__name__}")
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        if reward is not None and not isinstance(reward, RewardConfig):
+            raise ValueError(f"reward must be a RewardConfig, got {type(reward).__name__}")
+        self.space = space
+        self.policy = make_policy(policy, space, **dict(policy_params or {}))
+        self.reward = reward or RewardConfig()
+        self.seed = int(seed)
+        self.rng = np.random.Generator(np.random.PCG64(self.seed))
+        self._lanes: dict[DeviceId, int] = {}
+        self._pending: dict[DeviceId, tuple[int, int]] = {}  # device -> (round, arm index)
+        self._round = 0
+        # Per-device scales of the loss gain and update norm (see RewardConfig).
+        self._gain_ref: dict[DeviceId, float] = {}
+        self._norm_ref: dict[DeviceId, float] = {}
+        # Fleet-level time reference: this round's completion times, and an EMA over past rounds.
+        self._time_ref_ema: float | None = None
+        self._times_round = 0
+        self._times: list[float] = []
+
+    # --- choosing ------------------------------------------------------------------------------
+    def assign(self, device_ids: Iterable[DeviceId], round: int) -> dict[DeviceId, Arm]:
+        """Arms for ``device_ids`` in round ``round`` (rounds count from 1 and never go back)."""
+        ids = _check_ids(device_ids, "device_ids")
+        if isinstance(round, bool) or not isinstance(round, numbers.Integral) or round < 1:
+            raise ValueError(f"round must be an integer >= 1, got {round!r}")
+        round = int(round)
+        if round < self._round:
+            raise ValueError(f"round must not go back: got {round}, the allocator is at round {self._round}")
+        for d in ids:
+            pend = self._pending.get(d)
+            if pend is not None and pend[0] == round:
+                raise ValueError(f"device_ids: {d!r} already has an unobserved assignment for round {round}")
+        # validated: from here on, state changes
+        self._expire_before(round)
+        self._fold_time_ref(before_round=round)
+        self._round = round
+        new = [d for d in ids if d not in self._lanes]
+        if new:
+            for d, lane in zip(new, self.policy.add_lanes(len(new)), strict=True):
+                self._lanes[d] = int(lane)
+        lanes = np.fromiter((self._lanes[d] for d in ids), dtype=np.int64, count=len(ids))
+        arms = self.policy.select(lanes, self.rng)
+        out: dict[DeviceId, Arm] = {}
+        arm_of = self.space.arms
+        for d, a in zip(ids, arms.tolist(), strict=True):
+            self._pending[d] = (round, a)
+            out[d] = arm_of[a]
+        return out
+
+    # --- learning ------------------------------------------------------------------------------
+    def observe(
+        self,
+        device_id: DeviceId,
+        arm: Arm,
+        round_time_s: float,
+        loss_before: float,
+        loss_after: float,
+        **extra: Any,
+    ) -> float:
+        """Reward one device's round and update its bandit; returns the reward in [0, 1].
+
+        ``extra`` may hold ``achieved_ratio``, ``update_norm`` and ``failed``. Fleet statistics
+        (the time reference) come from earlier rounds; prefer
+        :meth:`observe_round` when the whole round is at hand.
+        """
+        unknown = sorted(set(extra) - set(_EXTRA_KEYS))
+        if unknown:
+            raise ValueError(f"unknown extra field(s) {unknown}; allowed: {list(_EXTRA_KEYS)}")
+        report = RoundReport(device_id, arm, round_time_s, loss_before, loss_after, **extra)
+        return self._observe([report], whole_round=False)[device_id]
+
+    def observe_round(self, reports: Iterable[RoundReport | Mapping[str, Any]]) -> dict[DeviceId, float]:
+        """Reward a whole round at once, using that round's own fleet statistics."""
+        parsed = []
+        for i, r in enumerate(reports):
+            if isinstance(r, RoundReport):
+                parsed.append(r)
+            elif isinstance(r, Mapping):
+                try:
+                    parsed.append(RoundReport(**r))
+                except TypeError as exc:
+                    raise ValueError(f"reports[{i}]: {exc}") from None
+            else:
+                raise ValueError(f"reports[{i}] must be a RoundReport or a dict, got {type(r).__name__}")
+        return self._observe(parsed, whole_round=True)
+
+    def fail(self, device_id: DeviceId) -> float:
+        """Record that a device never reported back for its pending assignment (reward 0)."""
+        pend = self._pending.get(device_id)
+        if pend is None:
+            raise ValueError(f"device_id {device_id!r} has no pending assignment")
+        return self._observe([RoundReport(device_id, self.space[pend[1]], failed=True)], whole_round=False)[
+            device_id
+        ]
+
+    def _observe(self, reports: Sequence[RoundReport], whole_round: bool) -> dict[DeviceId, float]:
+        n = len(reports)
+        if n == 0:
+            return {}
+        ids = _check_ids([r.device_id for r in reports], "device_id")
+        for d in ids:
+            if d not in self._pending:
+                what = "unknown device" if d not in self._lanes else "device without a pending assignment"
+                raise ValueError(f"device_id {d!r}: {what} (call assign first; an assignment is observed once)")
+        arm_idx = np.fromiter(
+            (self.space.index(r.arm, f"arm (device {r.device_id!r})") for r in reports), dtype=np.int64, count=n
+        )
+        failed = np.fromiter((_check_bool(r.failed, "failed") for r in reports), dtype=bool, count=n)
+        ok = ~failed
+        times = _column(reports, "round_time_s", ok, lo=0.0)
+        before = _column(reports, "loss_before", ok, lo=0.0)
+        after = _column(reports, "loss_after", ok, lo=0.0)
+        norms = _column(reports, "update_norm", ok, lo=0.0, optional=True)
+        ratios = _column(reports, "achieved_ratio", ok, lo=0.0, hi=1.0, optional=True)
+        arm_ratio = np.fromiter((self.space[a].ratio for a in arm_idx.tolist()), dtype=np.float64, count=n)
+        ratios = np.where(np.isnan(ratios), arm_ratio, ratios)
+        # validated: from here on, state changes
+        gains = np.where(ok, loss_gain(before, after), 0.0)
+        decay = self.reward.reference_decay
+        gain_ref = np.fromiter((self._gain_ref.get(d, 0.0) for d in ids), dtype=np.float64, count=n)
+        gain_ref = np.maximum(gains, decay * gain_ref)
+        norm_ref = np.fromiter((self._norm_ref.get(d, 0.0) for d in ids), dtype=np.float64, count=n)
+        has_norm = ok & ~np.isnan(norms)
+        norm_ref = np.where(has_norm, np.maximum(np.nan_to_num(norms), decay * norm_ref), norm_ref)
+        round_times = [*self._times, *times[ok].tolist()]
+        if whole_round or self._time_ref_ema is None:
+            time_ref = float(np.quantile(round_times, self.reward.time_quantile)) if round_times else 1.0
+        else:
+            time_ref = self._time_ref_ema
+        rewards, _ = combine(
+            self.reward,
+            gain=gains,
+            ratio=ratios,
+            target_ratio=self.reward.target_ratio or self.space.max_ratio,
+            update_norm=np.where(ok, norms, np.nan),
+            round_time_s=np.where(ok, times, 1.0),
+            gain_ref=gain_ref,
+            norm_ref=norm_ref,
+            time_ref=time_ref,
+        )
+        rewards[failed] = 0.0
+        lanes = np.fromiter((self._lanes[d] for d in ids), dtype=np.int64, count=n)
+        self.policy.update(lanes, arm_idx, rewards)
+        self._times = round_times
+        for i, d in enumerate(ids):
+            del self._pending[d]
+            if ok[i]:
+                self._gain_ref[d] = float(gain_ref[i])
+            if has_norm[i]:
+                self._norm_ref[d] = float(norm_ref[i])
+        return dict(zip(ids, rewards.tolist(), strict=True))
+
+    # --- fleet statistics ---------------------------------------------------------------------
+    def _fold_time_ref(self, before_round: int) -> None:
+        """Fold the finished round's time quantile into the EMA used by a lone ``observe``."""
+        if self._times_round >= before_round:
+            return
+        if self._times:
+            value = float(np.quantile(self._times, self.reward.time_quantile))
+            lam, old = self.reward.fleet_ema, self._time_ref_ema
+            self._time_ref_ema = value if old is None else (1 - lam) * old + lam * value
+        self._times = []
+        self._times_round = before_round
+
+    def _expire_before(self, round: int) -> None:
+        stale = [d for d, (r, _) in self._pending.items() if r < round]
+        if stale:
+            lanes = np.array([self._lanes[d] for d in stale], dtype=np.int64)
+            arms = np.array([self._pending[d][1] for d in stale], dtype=np.int64)
+            self.policy.update(lanes, arms, np.zeros(len(stale)))
+            for d in stale:
+                del self._pending[d]
+
+    # --- inspection ------------------------------------------------------------------------------
+    @property
+    def devices(self) -> list[DeviceId]:
+        return list(self._lanes)
+
+    @property
+    def pending(self) -> dict[DeviceId, Arm]:
+        return {d: self.space[a] for d, (_, a) in self._pending.items()}
+
+    def best_arm(self, device_id: DeviceId) -> Arm | None:
+        """The arm with the best estimated reward for a device (no exploration); None if unknown."""
+        if device_id not in self._lanes:
+            raise ValueError(f"device_id {device_id!r}: unknown device")
+        a = int(self.policy.best([self._lanes[device_id]])[0])
+        return None if a < 0 else self.space[a]
+
+    def estimates(self, device_id: DeviceId) -> dict[Arm, float]:
+        """Estimated mean reward per arm tried by the device."""
+        if device_id not in self._lanes:
+            raise ValueError(f"device_id {device_id!r}: unknown device")
+        est = self.policy.estimates(self._lanes[device_id])
+        return {self.space[i]: float(v) for i, v in enumerate(est) if not math.isnan(v)}
+
+    # --- persistence ---------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": _STATE_VERSION,
+            "space": self.space.to_dict(),
+            "reward": self.reward.to_dict(),
+            "seed": self.seed,
+            "rng": self.rng.bit_generator.state,
+            "policy": self.policy.state_dict(),
+            "lanes": [[d, lane] for d, lane in self._lanes.items()],
+            "pending": [[d, r, a] for d, (r, a) in self._pending.items()],
+            "round": self._round,
+            "gain_ref": [[d, v] for d, v in self._gain_ref.items()],
+            "norm_ref": [[d, v] for d, v in self._norm_ref.items()],
+            "time_ref_ema": self._time_ref_ema,
+            "times_round": self._times_round,
+            "times": list(self._times),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state.get("version") != _STATE_VERSION:
+            raise ValueError(f"state version {state.get('version')!r} is not {_STATE_VERSION}")
+        if ArmSpace.from_dict(state["space"]) != self.space:
+            raise ValueError("state was saved for a different arm space")
+        if RewardConfig(**state["reward"]) != self.reward:
+            raise ValueError(f"state reward config {state['reward']} differs from {self.reward.to_dict()}")
+        if state["policy"]["policy"] != self.policy.name:
+            raise ValueError(f"state is for policy {state['policy']['policy']!r}, not {self.policy.name!r}")
+        self.policy.load_state_dict(state["policy"])
+        self.seed = int(state["seed"])
+        self.rng = np.random.Generator(np.random.PCG64())
+        self.rng.bit_generator.state = state["rng"]
+        self._lanes = {_json_id(d): int(lane) for d, lane in state["lanes"]}
+        self._pending = {_json_id(d): (int(r), int(a)) for d, r, a in state["pending"]}
+        self._round = int(state["round"])
+        self._gain_ref = {_json_id(d): float(v) for d, v in state["gain_ref"]}
+        self._norm_ref = {_json_id(d): float(v) for d, v in state["norm_ref"]}
+        ema = state["time_ref_ema"]
+        self._time_ref_ema = None if ema is None else float(ema)
+        self._times_round = int(state["times_round"])
+        self._times = [float(x) for x in state["times"]]
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping[str, Any]) -> Allocator:
+        """Rebuild an allocator (space, policy, reward, RNG, history) from :meth:`state_dict`."""
+        pol = state["policy"]
+        if pol.get("policy") not in POLICIES:
+            raise ValueError(f"state policy must be one of {sorted(POLICIES)}, got {pol.get('policy')!r}")
+        alloc = cls(
+            ArmSpace.from_dict(state["space"]),
+            policy=pol["policy"],
+            policy_params=pol["params"],
+            reward=RewardConfig(**state["reward"]),
+            seed=int(state["seed"]),
+        )
+        alloc.load_state_dict(state)
+        return alloc
+
+
+# --- validation helpers ------------------------------------------------------------------------
+def _json_id(d: Any) -> DeviceId:
+    return d if isinstance(d, str) else int(d)
+
+
+def _check_ids(ids: Iterable[Any], what: str) -> list[DeviceId]:
+    if isinstance(ids, (str, bytes)):
+        raise ValueError(f"{what} must be a collection of device ids, not a single string")
+    out: list[DeviceId] = []
+    for d in ids:
+        if isinstance(d, bool) or not isinstance(d, (str, numbers.Integral)):
+            raise ValueError(f"{what}: device ids must be str or int (JSON-safe), got {d!r}")
+        out.append(d if isinstance(d, str) else int(d))
+    if len(set(out)) != len(out):
+        dup = sorted({str(d) for d in out if out.count(d) > 1})
+        raise ValueError(f"{what}: duplicate device ids {dup}")
+    return out
+
+
+def _check_bool(v: Any, name: str) -> bool:
+    if not isinstance(v, (bool, np.bool_)):
+        raise ValueError(f"{name} must be a bool, got {v!r}")
+    return bool(v)
+
+
+def _column(
+    reports: Sequence[RoundReport],
+    name: str,
+    required: np.ndarray,
+    *,
+    lo: float,
+    hi: float | None = None,
+    optional: bool = False,
+) -> np.ndarray:
+    """One numeric field of all reports as floats (NaN where absent), validated with its name."""
+    out = np.full(len(reports), np.nan)
+    for i, r in enumerate(reports):
+        v = getattr(r, name)
+        if v is None:
+            if required[i] and not optional:
+                raise ValueError(f"{name} is required for device {r.device_id!r} (or pass failed=True)")
+            continue
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+            raise ValueError(f"{name} must be a number, got {v!r} for device {r.device_id!r}")
+        x = float(v)
+        if not math.isfinite(x) or x < lo or (hi is not None and x > hi):
+            rng_txt = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
+            raise ValueError(f"{name} must be finite and {rng_txt}, got {v!r} for device {r.device_id!r}")
+        out[i] = x
+    return out

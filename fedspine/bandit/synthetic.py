@@ -1,0 +1,147 @@
+"""A synthetic heterogeneous fleet whose speeds are hidden from the allocator.
+
+Used by the tests, the demo and the benchmark to check that the allocator learns what an
+oracle that knows every device's speed would choose. The numbers are illustrative, not a model
+of real hardware (``fedspine.fl.devices`` will hold that).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedspine.bandit.allocator import Allocator, RoundReport
+from fedspine.bandit.arms import Arm, ArmSpace
+from fedspine.bandit.reward import RewardConfig, combine
+
+# The paper's testbed mix, 30 TX2 : 40 NX : 10 AGX [paper.md §3, S]; relative speeds are ours.
+PAPER_TIERS: tuple[tuple[str, float, float, float], ...] = (
+    # name, share of the fleet, relative compute speed, relative bandwidth
+    ("tx2", 30 / 80, 1.0, 1.0),
+    ("nx", 40 / 80, 2.0, 2.0),
+    ("agx", 10 / 80, 5.0, 4.0),
+)
+
+
+@dataclass(frozen=True)
+class SyntheticFleet:
+    """Round time of arm (p, r) on device i, in seconds:
+
+    ``(work_s * (1 - p) * (1 + r / rank_scale)) / speed_i + comm_s * r * (1 - p) / bandwidth_i``,
+    times log-normal noise. Local loss improvement grows with rank and shrinks with pruning:
+    ``gain = gain_max * (1 - p) ** 1.5 * r / (r + rank_half)`` (times noise).
+    """
+
+    speeds: np.ndarray
+    bandwidths: np.ndarray
+    tiers: tuple[str, ...]
+    work_s: float = 10.0
+    rank_scale: float = 32.0
+    comm_s: float = 0.25
+    noise: float = 0.05
+    gain_max: float = 0.2
+    rank_half: float = 8.0
+
+    @classmethod
+    def paper_mix(cls, n_devices: int = 80, seed: int = 0, **kw: float) -> SyntheticFleet:
+        """``n_devices`` split 30:40:10 into slow/medium/fast tiers, +-15% spread within a tier."""
+        rng = np.random.default_rng(seed)
+        counts = [round(share * n_devices) for _, share, _, _ in PAPER_TIERS]
+        counts[1] += n_devices - sum(counts)
+        speeds, bws, tiers = [], [], []
+        for (name, _, speed, bw), k in zip(PAPER_TIERS, counts, strict=True):
+            speeds += list(speed * rng.uniform(0.85, 1.15, k))
+            bws += list(bw * rng.uniform(0.85, 1.15, k))
+            tiers += [name] * k
+        return cls(np.array(speeds), np.array(bws), tuple(tiers), **kw)
+
+    @property
+    def n_devices(self) -> int:
+        return len(self.speeds)
+
+    def expected_times(self, space: ArmSpace) -> np.ndarray:
+        """Noise-free round time, shape (devices, arms)."""
+        p = np.array([a.ratio for a in space])
+        r = np.array([a.rank for a in space], dtype=np.float64)
+        compute = self.work_s * (1 - p) * (1 + r / self.rank_scale)
+        comm = self.comm_s * r * (1 - p)
+        return compute[None, :] / self.speeds[:, None] + comm[None, :] / self.bandwidths[:, None]
+
+    def expected_gains(self, space: ArmSpace) -> np.ndarray:
+        p = np.array([a.ratio for a in space])
+        r = np.array([a.rank for a in space], dtype=np.float64)
+        return self.gain_max * (1 - p) ** 1.5 * r / (r + self.rank_half)
+
+    def run_round(
+        self, arms: Sequence[Arm], space: ArmSpace, rng: np.random.Generator, devices: Sequence[int] | None = None
+    ) -> list[RoundReport]:
+        """Simulate one round: the reports the devices would send back."""
+        devices = list(range(self.n_devices)) if devices is None else list(devices)
+        idx = np.array([space.index(a) for a in arms])
+        t = self.expected_times(space)[devices, idx] * rng.lognormal(0.0, self.noise, len(devices))
+        g = self.expected_gains(space)[idx] * rng.lognormal(0.0, self.noise, len(devices))
+        return [
+            RoundReport(d, a, round_time_s=float(ti), loss_before=1.0, loss_after=float(1.0 - gi))
+            for d, a, ti, gi in zip(devices, arms, t, g, strict=True)
+        ]
+
+
+def oracle_arms(
+    fleet: SyntheticFleet, space: ArmSpace, reward: RewardConfig, iters: int = 200, start: str = "fastest"
+) -> np.ndarray:
+    """Best arm per device under the same reward, knowing every speed and bandwidth.
+
+    A device's reward depends on the round's time quantile, i.e. on the other devices' arms, so
+    the oracle iterates best responses to a fixed point from ``start`` ("fastest" or "slowest"
+    arm for everyone). Its loss scale is each device's best achievable gain, which is what the
+    allocator's decayed running maximum approaches.
+    """
+    times = fleet.expected_times(space)
+    gains = fleet.expected_gains(space)
+    ratios = np.array([a.ratio for a in space])
+    n = fleet.n_devices
+    choice = times.argmin(axis=1) if start == "fastest" else times.argmax(axis=1)
+    for _ in range(iters):
+        t_ref = float(np.quantile(times[np.arange(n), choice], reward.time_quantile))
+        r, _ = combine(
+            reward,
+            gain=gains[None, :],
+            ratio=ratios[None, :],
+            target_ratio=reward.target_ratio or space.max_ratio,
+            update_norm=np.full((1, len(space)), np.nan),
+            round_time_s=times,
+            gain_ref=float(gains.max()),
+            norm_ref=float("nan"),
+            time_ref=t_ref,
+        )
+        new = r.argmax(axis=1)
+        if np.array_equal(new, choice):
+            break
+        choice = new
+    return choice
+
+
+def simulate(
+    fleet: SyntheticFleet, allocator: Allocator, rounds: int, seed: int = 0
+) -> dict[str, np.ndarray]:
+    """Run ``rounds`` rounds of the allocator on the fleet; per-round makespan and arms."""
+    rng = np.random.default_rng(seed)
+    devices = list(range(fleet.n_devices))
+    makespans, arm_log = [], []
+    for rnd in range(1, rounds + 1):
+        arms = allocator.assign(devices, rnd)
+        reports = fleet.run_round([arms[d] for d in devices], allocator.space, rng)
+        allocator.observe_round(reports)
+        makespans.append(max(r.round_time_s for r in reports))  # type: ignore[type-var]
+        arm_log.append([allocator.space.index(arms[d]) for d in devices])
+    return {"makespan": np.array(makespans), "arms": np.array(arm_log)}
+
+
+def oracle_makespans(fleet: SyntheticFleet, space: ArmSpace, reward: RewardConfig, rounds: int, seed: int = 0) -> np.ndarray:
+    """Per-round makespan when every device plays its oracle arm, under the same noise model."""
+    rng = np.random.default_rng(seed)
+    best = oracle_arms(fleet, space, reward)
+    arms = [space[int(a)] for a in best]
+    return np.array([max(r.round_time_s for r in fleet.run_round(arms, space, rng)) for _ in range(rounds)])  # type: ignore[type-var]
