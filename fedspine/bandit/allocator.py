@@ -11,8 +11,9 @@ from typing import Any, Union
 import numpy as np
 
 from fedspine.bandit.arms import Arm, ArmSpace
+from fedspine.bandit.fleet import FleetModel
 from fedspine.bandit.policies import POLICIES, make_policy
-from fedspine.bandit.reward import RewardConfig, combine, loss_gain
+from fedspine.bandit.reward import RewardConfig, combine, loss_gain, time_score
 
 DeviceId = Union[str, int]
 
@@ -67,6 +68,7 @@ class Allocator:
         policy_params: Mapping[str, Any] | None = None,
         reward: RewardConfig | None = None,
         seed: int = 0,
+        safe_slack: float | None = 0.05,
     ):
         if not isinstance(space, ArmSpace):
             raise ValueError(f"space must be an ArmSpace, got {type(space).__name__}")
@@ -74,7 +76,13 @@ class Allocator:
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
         if reward is not None and not isinstance(reward, RewardConfig):
             raise ValueError(f"reward must be a RewardConfig, got {type(reward).__name__}")
+        if safe_slack is not None and (
+            isinstance(safe_slack, bool) or not isinstance(safe_slack, numbers.Real) or not 0 <= safe_slack < math.inf
+        ):
+            raise ValueError(f"safe_slack must be None (off) or a number >= 0, got {safe_slack!r}")
         self.space = space
+        self.safe_slack = None if safe_slack is None else float(safe_slack)
+        self.fleet = FleetModel(len(space))
         self.policy = make_policy(policy, space, **dict(policy_params or {}))
         self.reward = reward or RewardConfig()
         self.seed = int(seed)
@@ -109,10 +117,12 @@ class Allocator:
         self._round = round
         new = [d for d in ids if d not in self._lanes]
         if new:
+            self.fleet.add_lanes(len(new))
             for d, lane in zip(new, self.policy.add_lanes(len(new)), strict=True):
                 self._lanes[d] = int(lane)
         lanes = np.fromiter((self._lanes[d] for d in ids), dtype=np.int64, count=len(ids))
-        arms = self.policy.select(lanes, self.rng)
+        allowed = None if self.safe_slack is None else self.safe_arms(lanes)
+        arms = self.policy.select(lanes, self.rng, allowed)
         out: dict[DeviceId, Arm] = {}
         arm_of = self.space.arms
         for d, a in zip(ids, arms.tolist(), strict=True):
@@ -200,7 +210,7 @@ class Allocator:
             time_ref = float(np.quantile(round_times, self.reward.time_quantile)) if round_times else 1.0
         else:
             time_ref = self._time_ref_ema
-        rewards, _ = combine(
+        rewards, scores = combine(
             self.reward,
             gain=gains,
             ratio=ratios,
@@ -214,6 +224,7 @@ class Allocator:
         rewards[failed] = 0.0
         lanes = np.fromiter((self._lanes[d] for d in ids), dtype=np.int64, count=n)
         self.policy.update(lanes, arm_idx, rewards)
+        self.fleet.observe(lanes[ok], arm_idx[ok], times[ok], scores["quality"][ok])
         self._times = round_times
         for i, d in enumerate(ids):
             del self._pending[d]
@@ -222,6 +233,34 @@ class Allocator:
             if has_norm[i]:
                 self._norm_ref[d] = float(norm_ref[i])
         return dict(zip(ids, rewards.tolist(), strict=True))
+
+    def safe_arms(self, lanes: np.ndarray) -> np.ndarray | None:
+        """Arms each lane may explore, or None when the fleet model cannot tell yet.
+
+        The fleet model (``fedspine.bandit.fleet``) predicts every device's time on every arm
+        and, with the pooled quality per arm, its reward. The arm with the best predicted reward
+        gives each device a predicted time; the slowest of those, times ``1 + safe_slack``, is
+        the round's time cap. A device exploring a heavy arm would otherwise set the whole
+        round's makespan; under the cap, exploration happens where it costs nobody any waiting.
+        Arms (or devices) the model knows nothing about stay allowed, so newcomers and untried
+        arms are still explored (ours).
+        """
+        if self._time_ref_ema is None:
+            return None
+        pred = self.fleet.predict(lanes)
+        quality = self.fleet.quality()
+        predicted_reward = time_score(pred, self._time_ref_ema, self.reward.time_alpha) * quality[None, :]
+        rows = np.arange(lanes.size)
+        known = ~np.all(np.isnan(predicted_reward), axis=1)
+        if not known.any():
+            return None
+        best = np.nanargmax(predicted_reward[known], axis=1)
+        cap = float(np.max(pred[rows[known], best])) * (1.0 + float(self.safe_slack or 0.0))
+        allowed = ~(pred > cap)  # NaN (unknown) stays allowed
+        stuck = ~allowed.any(axis=1)
+        if stuck.any():
+            allowed[stuck, np.nanargmin(pred[stuck], axis=1)] = True
+        return allowed
 
     # --- fleet statistics ---------------------------------------------------------------------
     def _fold_time_ref(self, before_round: int) -> None:
@@ -274,7 +313,9 @@ class Allocator:
             "space": self.space.to_dict(),
             "reward": self.reward.to_dict(),
             "seed": self.seed,
+            "safe_slack": self.safe_slack,
             "rng": self.rng.bit_generator.state,
+            "fleet": self.fleet.state_dict(),
             "policy": self.policy.state_dict(),
             "lanes": [[d, lane] for d, lane in self._lanes.items()],
             "pending": [[d, r, a] for d, (r, a) in self._pending.items()],
@@ -295,7 +336,10 @@ class Allocator:
             raise ValueError(f"state reward config {state['reward']} differs from {self.reward.to_dict()}")
         if state["policy"]["policy"] != self.policy.name:
             raise ValueError(f"state is for policy {state['policy']['policy']!r}, not {self.policy.name!r}")
+        if state["safe_slack"] != self.safe_slack:
+            raise ValueError(f"state safe_slack {state['safe_slack']!r} differs from {self.safe_slack!r}")
         self.policy.load_state_dict(state["policy"])
+        self.fleet.load_state_dict(state["fleet"])
         self.seed = int(state["seed"])
         self.rng = np.random.Generator(np.random.PCG64())
         self.rng.bit_generator.state = state["rng"]
@@ -321,6 +365,7 @@ class Allocator:
             policy_params=pol["params"],
             reward=RewardConfig(**state["reward"]),
             seed=int(state["seed"]),
+            safe_slack=state["safe_slack"],
         )
         alloc.load_state_dict(state)
         return alloc

@@ -45,7 +45,8 @@ class Policy(ABC):
         """State arrays for ``n`` new lanes; first axis is the lane."""
 
     @abstractmethod
-    def _select(self, lanes: np.ndarray, rng: np.random.Generator) -> np.ndarray: ...
+    def _select(self, lanes: np.ndarray, rng: np.random.Generator, allowed: np.ndarray) -> np.ndarray:
+        """``allowed`` is a (lanes, arms) boolean mask with at least one True per row."""
 
     @abstractmethod
     def _update(self, lanes: np.ndarray, arms: np.ndarray, rewards: np.ndarray) -> None: ...
@@ -78,12 +79,26 @@ class Policy(ABC):
         self._n_lanes = start + n
         return np.arange(start, start + n)
 
-    def select(self, lanes: np.ndarray | list[int], rng: np.random.Generator) -> np.ndarray:
-        """One arm index per lane in ``lanes`` (lanes must be distinct)."""
+    def select(
+        self, lanes: np.ndarray | list[int], rng: np.random.Generator, allowed: np.ndarray | None = None
+    ) -> np.ndarray:
+        """One arm index per lane in ``lanes`` (lanes must be distinct).
+
+        ``allowed`` optionally restricts each lane to a subset of arms, shape (lanes, arms);
+        every row needs at least one allowed arm.
+        """
         lanes_arr = self._check_lanes(lanes)
+        if allowed is None:
+            mask = np.ones((lanes_arr.size, self.n_arms), dtype=bool)
+        else:
+            mask = np.asarray(allowed, dtype=bool)
+            if mask.shape != (lanes_arr.size, self.n_arms):
+                raise ValueError(f"allowed must have shape {(lanes_arr.size, self.n_arms)}, got {mask.shape}")
+            if not mask.any(axis=1).all():
+                raise ValueError("allowed must leave at least one arm per lane")
         if lanes_arr.size == 0:
             return np.zeros(0, dtype=np.int64)
-        return self._select(lanes_arr, rng).astype(np.int64)
+        return self._select(lanes_arr, rng, mask).astype(np.int64)
 
     def update(
         self, lanes: np.ndarray | list[int], arms: np.ndarray | list[int], rewards: np.ndarray | list[float]
@@ -155,6 +170,11 @@ class Policy(ABC):
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
         return f"{type(self).__name__}({args}; {self.n_arms} arms, {self._n_lanes} lanes)"
+
+
+def random_allowed(allowed: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A uniformly random allowed arm per row."""
+    return np.argmax(np.where(allowed, rng.random(allowed.shape), -1.0), axis=1)
 
 
 def argmax_random_ties(values: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -40,10 +40,13 @@ class EXP3(Policy):
         w = np.exp(log_w - log_w.max(axis=1, keepdims=True))
         return (1.0 - self.gamma) * w / w.sum(axis=1, keepdims=True) + self.gamma / self.n_arms
 
-    def _select(self, lanes: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        cdf = np.cumsum(self._probs(lanes), axis=1)
+    def _select(self, lanes: np.ndarray, rng: np.random.Generator, allowed: np.ndarray) -> np.ndarray:
+        cdf = np.cumsum(self._probs(lanes) * allowed, axis=1)
         u = rng.random(lanes.size) * cdf[:, -1]
-        return np.minimum((cdf <= u[:, None]).sum(axis=1), self.n_arms - 1)
+        arm = np.minimum((cdf <= u[:, None]).sum(axis=1), self.n_arms - 1)
+        # Float round-off at the top of the cdf can land on a masked arm: take the last allowed one.
+        last_allowed = self.n_arms - 1 - np.argmax(allowed[:, ::-1], axis=1)
+        return np.where(allowed[np.arange(lanes.size), arm], arm, last_allowed)
 
     def _update(self, lanes: np.ndarray, arms: np.ndarray, rewards: np.ndarray) -> None:
         s = self._state

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from fedspine.bandit.arms import ArmSpace
-from fedspine.bandit.policies.base import Policy, argmax_random_ties, check_param, counts_state
+from fedspine.bandit.policies.base import Policy, argmax_random_ties, check_param, counts_state, random_allowed
 
 
 class _CountingPolicy(Policy):
@@ -39,15 +39,14 @@ class EpsilonGreedy(_CountingPolicy):
     def params(self) -> dict[str, Any]:
         return {"epsilon": self.epsilon}
 
-    def _select(self, lanes: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    def _select(self, lanes: np.ndarray, rng: np.random.Generator, allowed: np.ndarray) -> np.ndarray:
         s = self._state
         n = s["counts"][lanes]
         with np.errstate(divide="ignore", invalid="ignore"):
             mean = np.where(n > 0, s["sums"][lanes] / n, np.inf)
-        greedy = argmax_random_ties(mean, rng)
+        greedy = argmax_random_ties(np.where(allowed, mean, -np.inf), rng)
         explore = rng.random(lanes.size) < self.epsilon
-        random_arm = rng.integers(0, self.n_arms, size=lanes.size)
-        return np.where(explore, random_arm, greedy)
+        return np.where(explore, random_allowed(allowed, rng), greedy)
 
 
 class UniformRandom(_CountingPolicy):
@@ -61,5 +60,5 @@ class UniformRandom(_CountingPolicy):
     def params(self) -> dict[str, Any]:
         return {}
 
-    def _select(self, lanes: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        return rng.integers(0, self.n_arms, size=lanes.size)
+    def _select(self, lanes: np.ndarray, rng: np.random.Generator, allowed: np.ndarray) -> np.ndarray:
+        return random_allowed(allowed, rng)

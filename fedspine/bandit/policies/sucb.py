@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from fedspine.bandit.arms import ArmSpace
-from fedspine.bandit.policies.base import Policy, argmax_random_ties, check_param
+from fedspine.bandit.policies.base import Policy, argmax_random_ties, check_param, random_allowed
 
 
 class SmoothUCB(Policy):
@@ -32,7 +32,8 @@ class SmoothUCB(Policy):
       :math:`t` the lane's pulls and :math:`\mathrm{diam}` the cell's extent in grid steps
       normalised to [0, 1] per axis (the Lipschitz term of HOO: a large cell may hide a better
       point than its mean). Unvisited leaves score :math:`+\infty`.
-    * Play the leaf with the highest score and draw an arm uniformly inside it.
+    * Play the leaf with the highest score and draw an arm uniformly inside it (among the
+      allowed arms, when the allocator restricts them).
     * Once a leaf has ``split_after`` samples it is halved along its longer (normalised) side;
       both children inherit :math:`\mu_C` and half of :math:`n_C` (ours: this keeps zooming
       fast instead of re-exploring both halves from scratch). At most ``max_cells`` cells per
@@ -107,22 +108,37 @@ class SmoothUCB(Policy):
         dr = (b[..., 3] - b[..., 2] - 1) / max(self.n_ranks - 1, 1)
         return np.maximum(dp, dr)
 
-    def cell_scores(self, lanes: np.ndarray) -> np.ndarray:
+    def cell_scores(self, lanes: np.ndarray, allowed: np.ndarray | None = None) -> np.ndarray:
+        """Score of every cell slot per lane; -inf for non-leaves and cells with no allowed arm."""
         s = self._state
         n, leaf = s["n_cell"][lanes], s["leaf"][lanes]
+        if allowed is not None:
+            leaf = leaf & (self._allowed_in_cells(lanes, allowed) > 0)
         t = np.maximum(s["t"][lanes], 1)[:, None]
         with np.errstate(divide="ignore", invalid="ignore"):
             u = s["mu"][lanes] + self.c * np.sqrt(2.0 * np.log(t) / n) + self.lipschitz * self._diam(s["bounds"][lanes])
         u = np.where(n > 0, u, np.inf)
         return np.where(leaf, u, -np.inf)
 
-    def _select(self, lanes: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        cell = argmax_random_ties(self.cell_scores(lanes), rng)
+    def _allowed_in_cells(self, lanes: np.ndarray, allowed: np.ndarray) -> np.ndarray:
+        """Number of allowed arms inside every cell, via 2-D prefix sums over the grid."""
+        grid = allowed.reshape(lanes.size, self.n_ratios, self.n_ranks).astype(np.int64)
+        pre = np.zeros((lanes.size, self.n_ratios + 1, self.n_ranks + 1), dtype=np.int64)
+        pre[:, 1:, 1:] = grid.cumsum(axis=1).cumsum(axis=2)
+        b = self._state["bounds"][lanes]
+        rows = np.arange(lanes.size)[:, None]
+        p0, p1, r0, r1 = b[..., 0], b[..., 1], b[..., 2], b[..., 3]
+        return pre[rows, p1, r1] - pre[rows, p0, r1] - pre[rows, p1, r0] + pre[rows, p0, r0]
+
+    def _select(self, lanes: np.ndarray, rng: np.random.Generator, allowed: np.ndarray) -> np.ndarray:
+        cell = argmax_random_ties(self.cell_scores(lanes, allowed), rng)
         b = self._state["bounds"][lanes, cell]
-        u = rng.random((lanes.size, 2))
-        pi = b[:, 0] + np.floor(u[:, 0] * (b[:, 1] - b[:, 0])).astype(np.int64)
-        ri = b[:, 2] + np.floor(u[:, 1] * (b[:, 3] - b[:, 2])).astype(np.int64)
-        return pi * self.n_ranks + ri
+        pi = np.arange(self.n_arms) // self.n_ranks
+        ri = np.arange(self.n_arms) % self.n_ranks
+        inside = (
+            (b[:, 0:1] <= pi) & (pi < b[:, 1:2]) & (b[:, 2:3] <= ri) & (ri < b[:, 3:4]) & allowed
+        )
+        return random_allowed(inside, rng)  # uniform over the cell's allowed arms
 
     def _update(self, lanes: np.ndarray, arms: np.ndarray, rewards: np.ndarray) -> None:
         s = self._state

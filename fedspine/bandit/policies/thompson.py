@@ -40,12 +40,12 @@ class GaussianThompson(Policy):
     def _fresh_state(self, n: int) -> dict[str, np.ndarray]:
         return counts_state(n, self.n_arms)
 
-    def _select(self, lanes: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    def _select(self, lanes: np.ndarray, rng: np.random.Generator, allowed: np.ndarray) -> np.ndarray:
         s = self._state
         n = s["counts"][lanes] + self.prior_count
         mean = (s["sums"][lanes] + self.prior_mean * self.prior_count) / n
         theta = mean + self.sigma / np.sqrt(n) * rng.standard_normal(n.shape)
-        return np.argmax(theta, axis=1)
+        return np.argmax(np.where(allowed, theta, -np.inf), axis=1)
 
     def _update(self, lanes: np.ndarray, arms: np.ndarray, rewards: np.ndarray) -> None:
         s = self._state

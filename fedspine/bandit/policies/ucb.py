@@ -35,13 +35,13 @@ class UCB1(Policy):
     def _fresh_state(self, n: int) -> dict[str, np.ndarray]:
         return counts_state(n, self.n_arms)
 
-    def _select(self, lanes: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    def _select(self, lanes: np.ndarray, rng: np.random.Generator, allowed: np.ndarray) -> np.ndarray:
         s = self._state
         n, t = s["counts"][lanes], s["t"][lanes]
         with np.errstate(divide="ignore", invalid="ignore"):
             bonus = self.c * np.sqrt(2.0 * np.log(np.maximum(t, 1))[:, None] / n)
             index = np.where(n > 0, s["sums"][lanes] / n + bonus, np.inf)
-        return argmax_random_ties(index, rng)
+        return argmax_random_ties(np.where(allowed, index, -np.inf), rng)
 
     def _update(self, lanes: np.ndarray, arms: np.ndarray, rewards: np.ndarray) -> None:
         s = self._state
@@ -80,14 +80,14 @@ class DiscountedUCB(Policy):
     def _fresh_state(self, n: int) -> dict[str, np.ndarray]:
         return counts_state(n, self.n_arms)
 
-    def _select(self, lanes: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    def _select(self, lanes: np.ndarray, rng: np.random.Generator, allowed: np.ndarray) -> np.ndarray:
         s = self._state
         n = s["counts"][lanes]
         total = np.maximum(n.sum(axis=1), 1.0)
         with np.errstate(divide="ignore", invalid="ignore"):
             bonus = 2.0 * self.bound * np.sqrt(self.xi * np.log(total)[:, None] / n)
             index = np.where(n > 0, s["sums"][lanes] / n + bonus, np.inf)
-        return argmax_random_ties(index, rng)
+        return argmax_random_ties(np.where(allowed, index, -np.inf), rng)
 
     def _update(self, lanes: np.ndarray, arms: np.ndarray, rewards: np.ndarray) -> None:
         s = self._state
@@ -127,14 +127,14 @@ class SlidingWindowUCB(Policy):
             "hist_reward": np.zeros((n, self.window), dtype=np.float64),
         }
 
-    def _select(self, lanes: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    def _select(self, lanes: np.ndarray, rng: np.random.Generator, allowed: np.ndarray) -> np.ndarray:
         s = self._state
         n = s["counts"][lanes]
         horizon = np.maximum(np.minimum(s["t"][lanes], self.window), 1)
         with np.errstate(divide="ignore", invalid="ignore"):
             bonus = self.c * np.sqrt(self.xi * np.log(horizon)[:, None] / n)
             index = np.where(n > 0, s["sums"][lanes] / n + bonus, np.inf)
-        return argmax_random_ties(index, rng)
+        return argmax_random_ties(np.where(allowed, index, -np.inf), rng)
 
     def _update(self, lanes: np.ndarray, arms: np.ndarray, rewards: np.ndarray) -> None:
         s = self._state
