@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Iterable, Mapping, Sequence
+from itertools import repeat
+from operator import attrgetter
 from dataclasses import dataclass
 from typing import Any, Union
 
@@ -18,6 +20,10 @@ from fedspine.bandit.reward import RewardConfig, combine, loss_gain, time_score
 DeviceId = Union[str, int]
 
 _EXTRA_KEYS = ("achieved_ratio", "update_norm", "failed")
+_REPORT_FIELDS = (
+    "device_id", "arm", "round_time_s", "loss_before", "loss_after", "achieved_ratio", "update_norm", "failed"
+)
+_report_fields = attrgetter(*_REPORT_FIELDS)
 _STATE_VERSION = 1
 
 
@@ -83,6 +89,9 @@ class Allocator:
         self.space = space
         self.safe_slack = None if safe_slack is None else float(safe_slack)
         self.fleet = FleetModel(len(space))
+        self._arm_ratios = np.array([a.ratio for a in space], dtype=np.float64)
+        self._arm_index = dict(space.arm_index_map)
+        self._arm_by_id = {id(a): i for a, i in self._arm_index.items()}
         self.policy = make_policy(policy, space, **dict(policy_params or {}))
         self.reward = reward or RewardConfig()
         self.seed = int(seed)
@@ -90,9 +99,9 @@ class Allocator:
         self._lanes: dict[DeviceId, int] = {}
         self._pending: dict[DeviceId, tuple[int, int]] = {}  # device -> (round, arm index)
         self._round = 0
-        # Per-device scales of the loss gain and update norm (see RewardConfig).
-        self._gain_ref: dict[DeviceId, float] = {}
-        self._norm_ref: dict[DeviceId, float] = {}
+        # Per-device scales of the loss gain and update norm (see RewardConfig), by lane.
+        self._gain_ref = np.zeros(0)
+        self._norm_ref = np.zeros(0)
         # Fleet-level time reference: this round's completion times, and an EMA over past rounds.
         self._time_ref_ema: float | None = None
         self._times_round = 0
@@ -107,10 +116,10 @@ class Allocator:
         round = int(round)
         if round < self._round:
             raise ValueError(f"round must not go back: got {round}, the allocator is at round {self._round}")
-        for d in ids:
-            pend = self._pending.get(d)
-            if pend is not None and pend[0] == round:
-                raise ValueError(f"device_ids: {d!r} already has an unobserved assignment for round {round}")
+        if self._pending and round == self._round:
+            for d in ids:
+                if d in self._pending:
+                    raise ValueError(f"device_ids: {d!r} already has an unobserved assignment for round {round}")
         # validated: from here on, state changes
         self._expire_before(round)
         self._fold_time_ref(before_round=round)
@@ -118,17 +127,15 @@ class Allocator:
         new = [d for d in ids if d not in self._lanes]
         if new:
             self.fleet.add_lanes(len(new))
+            self._gain_ref = np.concatenate([self._gain_ref, np.zeros(len(new))])
+            self._norm_ref = np.concatenate([self._norm_ref, np.zeros(len(new))])
             for d, lane in zip(new, self.policy.add_lanes(len(new)), strict=True):
                 self._lanes[d] = int(lane)
-        lanes = np.fromiter((self._lanes[d] for d in ids), dtype=np.int64, count=len(ids))
+        lanes = np.fromiter(map(self._lanes.__getitem__, ids), dtype=np.int64, count=len(ids))
         allowed = None if self.safe_slack is None else self.safe_arms(lanes)
-        arms = self.policy.select(lanes, self.rng, allowed)
-        out: dict[DeviceId, Arm] = {}
-        arm_of = self.space.arms
-        for d, a in zip(ids, arms.tolist(), strict=True):
-            self._pending[d] = (round, a)
-            out[d] = arm_of[a]
-        return out
+        arms = self.policy.select(lanes, self.rng, allowed).tolist()
+        self._pending.update(zip(ids, zip(repeat(round), arms)))
+        return dict(zip(ids, map(self.space.arms.__getitem__, arms)))
 
     # --- learning ------------------------------------------------------------------------------
     def observe(
@@ -154,6 +161,9 @@ class Allocator:
 
     def observe_round(self, reports: Iterable[RoundReport | Mapping[str, Any]]) -> dict[DeviceId, float]:
         """Reward a whole round at once, using that round's own fleet statistics."""
+        reports = list(reports)
+        if set(map(type, reports)) <= {RoundReport}:
+            return self._observe(reports, whole_round=True)
         parsed = []
         for i, r in enumerate(reports):
             if isinstance(r, RoundReport):
@@ -180,31 +190,40 @@ class Allocator:
         n = len(reports)
         if n == 0:
             return {}
-        ids = _check_ids([r.device_id for r in reports], "device_id")
-        for d in ids:
-            if d not in self._pending:
-                what = "unknown device" if d not in self._lanes else "device without a pending assignment"
-                raise ValueError(f"device_id {d!r}: {what} (call assign first; an assignment is observed once)")
-        arm_idx = np.fromiter(
-            (self.space.index(r.arm, f"arm (device {r.device_id!r})") for r in reports), dtype=np.int64, count=n
-        )
-        failed = np.fromiter((_check_bool(r.failed, "failed") for r in reports), dtype=bool, count=n)
+        cols = dict(zip(_REPORT_FIELDS, zip(*map(_report_fields, reports)), strict=True))
+        ids = _check_ids(cols["device_id"], "device_id")
+        if not all(map(self._pending.__contains__, ids)):
+            d = next(d for d in ids if d not in self._pending)
+            what = "unknown device" if d not in self._lanes else "device without a pending assignment"
+            raise ValueError(f"device_id {d!r}: {what} (call assign first; an assignment is observed once)")
+        # Arms handed out by assign() are the space's own objects: look them up by identity first
+        # (a C-level int lookup), by value only for the rest.
+        arm_idx = np.fromiter(map(self._arm_by_id.get, map(id, cols["arm"]), repeat(-1)), dtype=np.int64, count=n)
+        if (arm_idx < 0).any():
+            by_value = np.fromiter(map(self._arm_index.get, cols["arm"], repeat(-1)), dtype=np.int64, count=n)
+            arm_idx = np.where(arm_idx < 0, by_value, arm_idx)
+        if (arm_idx < 0).any():
+            r = reports[int(np.argmax(arm_idx < 0))]
+            self.space.index(r.arm, f"arm (device {r.device_id!r})")  # raises with the full message
+        if not set(map(type, cols["failed"])) <= {bool, np.bool_}:
+            for v in cols["failed"]:
+                _check_bool(v, "failed")
+        failed = np.fromiter(cols["failed"], dtype=bool, count=n)
         ok = ~failed
-        times = _column(reports, "round_time_s", ok, lo=0.0)
-        before = _column(reports, "loss_before", ok, lo=0.0)
-        after = _column(reports, "loss_after", ok, lo=0.0)
-        norms = _column(reports, "update_norm", ok, lo=0.0, optional=True)
-        ratios = _column(reports, "achieved_ratio", ok, lo=0.0, hi=1.0, optional=True)
-        arm_ratio = np.fromiter((self.space[a].ratio for a in arm_idx.tolist()), dtype=np.float64, count=n)
-        ratios = np.where(np.isnan(ratios), arm_ratio, ratios)
+        times = _column(cols["round_time_s"], "round_time_s", ids, ok, lo=0.0)
+        before = _column(cols["loss_before"], "loss_before", ids, ok, lo=0.0)
+        after = _column(cols["loss_after"], "loss_after", ids, ok, lo=0.0)
+        norms = _column(cols["update_norm"], "update_norm", ids, None, lo=0.0)
+        ratios = _column(cols["achieved_ratio"], "achieved_ratio", ids, None, lo=0.0, hi=1.0)
+        ratios = np.where(np.isnan(ratios), self._arm_ratios[arm_idx], ratios)
         # validated: from here on, state changes
         gains = np.where(ok, loss_gain(before, after), 0.0)
         decay = self.reward.reference_decay
-        gain_ref = np.fromiter((self._gain_ref.get(d, 0.0) for d in ids), dtype=np.float64, count=n)
-        gain_ref = np.maximum(gains, decay * gain_ref)
-        norm_ref = np.fromiter((self._norm_ref.get(d, 0.0) for d in ids), dtype=np.float64, count=n)
+        lanes = np.fromiter(map(self._lanes.__getitem__, ids), dtype=np.int64, count=n)
+        old_gain_ref, old_norm_ref = self._gain_ref[lanes], self._norm_ref[lanes]
+        gain_ref = np.where(ok, np.maximum(gains, decay * old_gain_ref), old_gain_ref)
         has_norm = ok & ~np.isnan(norms)
-        norm_ref = np.where(has_norm, np.maximum(np.nan_to_num(norms), decay * norm_ref), norm_ref)
+        norm_ref = np.where(has_norm, np.maximum(np.nan_to_num(norms), decay * old_norm_ref), old_norm_ref)
         round_times = [*self._times, *times[ok].tolist()]
         if whole_round or self._time_ref_ema is None:
             time_ref = float(np.quantile(round_times, self.reward.time_quantile)) if round_times else 1.0
@@ -222,16 +241,15 @@ class Allocator:
             time_ref=time_ref,
         )
         rewards[failed] = 0.0
-        lanes = np.fromiter((self._lanes[d] for d in ids), dtype=np.int64, count=n)
         self.policy.update(lanes, arm_idx, rewards)
         self.fleet.observe(lanes[ok], arm_idx[ok], times[ok], scores["quality"][ok])
         self._times = round_times
-        for i, d in enumerate(ids):
-            del self._pending[d]
-            if ok[i]:
-                self._gain_ref[d] = float(gain_ref[i])
-            if has_norm[i]:
-                self._norm_ref[d] = float(norm_ref[i])
+        self._gain_ref[lanes], self._norm_ref[lanes] = gain_ref, norm_ref
+        if len(ids) == len(self._pending):  # ids are distinct and all pending: the whole round
+            self._pending.clear()
+        else:
+            for d in ids:
+                del self._pending[d]
         return dict(zip(ids, rewards.tolist(), strict=True))
 
     def safe_arms(self, lanes: np.ndarray) -> np.ndarray | None:
@@ -320,8 +338,8 @@ class Allocator:
             "lanes": [[d, lane] for d, lane in self._lanes.items()],
             "pending": [[d, r, a] for d, (r, a) in self._pending.items()],
             "round": self._round,
-            "gain_ref": [[d, v] for d, v in self._gain_ref.items()],
-            "norm_ref": [[d, v] for d, v in self._norm_ref.items()],
+            "gain_ref": self._gain_ref.tolist(),
+            "norm_ref": self._norm_ref.tolist(),
             "time_ref_ema": self._time_ref_ema,
             "times_round": self._times_round,
             "times": list(self._times),
@@ -346,8 +364,8 @@ class Allocator:
         self._lanes = {_json_id(d): int(lane) for d, lane in state["lanes"]}
         self._pending = {_json_id(d): (int(r), int(a)) for d, r, a in state["pending"]}
         self._round = int(state["round"])
-        self._gain_ref = {_json_id(d): float(v) for d, v in state["gain_ref"]}
-        self._norm_ref = {_json_id(d): float(v) for d, v in state["norm_ref"]}
+        self._gain_ref = np.asarray(state["gain_ref"], dtype=np.float64)
+        self._norm_ref = np.asarray(state["norm_ref"], dtype=np.float64)
         ema = state["time_ref_ema"]
         self._time_ref_ema = None if ema is None else float(ema)
         self._times_round = int(state["times_round"])
@@ -376,14 +394,19 @@ def _json_id(d: Any) -> DeviceId:
     return d if isinstance(d, str) else int(d)
 
 
+_FAST_ID_TYPES = {str, int}
+_FAST_NUMBER_TYPES = {float, int, np.float64, np.float32, np.int64, np.int32, type(None)}
+
+
 def _check_ids(ids: Iterable[Any], what: str) -> list[DeviceId]:
     if isinstance(ids, (str, bytes)):
         raise ValueError(f"{what} must be a collection of device ids, not a single string")
-    out: list[DeviceId] = []
-    for d in ids:
-        if isinstance(d, bool) or not isinstance(d, (str, numbers.Integral)):
-            raise ValueError(f"{what}: device ids must be str or int (JSON-safe), got {d!r}")
-        out.append(d if isinstance(d, str) else int(d))
+    out = list(ids)
+    if not set(map(type, out)) <= _FAST_ID_TYPES:  # slow path only to convert or to name the bad id
+        for i, d in enumerate(out):
+            if isinstance(d, bool) or not isinstance(d, (str, numbers.Integral)):
+                raise ValueError(f"{what}: device ids must be str or int (JSON-safe), got {d!r}")
+            out[i] = d if isinstance(d, str) else int(d)
     if len(set(out)) != len(out):
         dup = sorted({str(d) for d in out if out.count(d) > 1})
         raise ValueError(f"{what}: duplicate device ids {dup}")
@@ -397,27 +420,38 @@ def _check_bool(v: Any, name: str) -> bool:
 
 
 def _column(
-    reports: Sequence[RoundReport],
+    values: Sequence[Any],
     name: str,
-    required: np.ndarray,
+    ids: Sequence[DeviceId],
+    required: np.ndarray | None,
     *,
     lo: float,
     hi: float | None = None,
-    optional: bool = False,
 ) -> np.ndarray:
-    """One numeric field of all reports as floats (NaN where absent), validated with its name."""
-    out = np.full(len(reports), np.nan)
-    for i, r in enumerate(reports):
-        v = getattr(r, name)
-        if v is None:
-            if required[i] and not optional:
-                raise ValueError(f"{name} is required for device {r.device_id!r} (or pass failed=True)")
-            continue
-        if isinstance(v, bool) or not isinstance(v, numbers.Real):
-            raise ValueError(f"{name} must be a number, got {v!r} for device {r.device_id!r}")
-        x = float(v)
-        if not math.isfinite(x) or x < lo or (hi is not None and x > hi):
-            rng_txt = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
-            raise ValueError(f"{name} must be finite and {rng_txt}, got {v!r} for device {r.device_id!r}")
-        out[i] = x
+    """One numeric report field as floats (NaN where absent), validated and named on error.
+
+    ``required`` marks the reports that must carry the field (None: it is optional for all).
+    """
+    if not set(map(type, values)) <= _FAST_NUMBER_TYPES:  # slow path only to name a bad value
+        for d, v in zip(ids, values, strict=True):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Real)):
+                raise ValueError(f"{name} must be a number, got {v!r} for device {d!r}")
+    out = np.array(values, dtype=np.float64)  # None -> NaN
+    absent = np.isnan(out)
+    if absent.any():
+        if values.count(None) == len(values):
+            is_none = absent
+        else:
+            is_none = np.array([v is None for v in values], dtype=bool)
+        if (absent & ~is_none).any():
+            i = int(np.argmax(absent & ~is_none))
+            raise ValueError(f"{name} must be finite, got {values[i]!r} for device {ids[i]!r}")
+        if required is not None and (is_none & required).any():
+            i = int(np.argmax(is_none & required))
+            raise ValueError(f"{name} is required for device {ids[i]!r} (or pass failed=True)")
+    bad = ~absent & ~(np.isfinite(out) & (out >= lo) & (out <= (np.inf if hi is None else hi)))
+    if bad.any():
+        i = int(np.argmax(bad))
+        rng_txt = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
+        raise ValueError(f"{name} must be finite and {rng_txt}, got {values[i]!r} for device {ids[i]!r}")
     return out

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from types import MappingProxyType
 from dataclasses import dataclass
 from typing import Any
 
@@ -126,6 +127,11 @@ class ArmSpace:
     @property
     def max_ratio(self) -> float:
         return self.ratios[-1]
+
+    @property
+    def arm_index_map(self) -> Mapping[Arm, int]:
+        """Read-only arm -> index mapping, for hot loops that cannot afford :meth:`index`."""
+        return MappingProxyType(self._index)
 
     def index(self, arm: Arm | Sequence[float | int], what: str = "arm") -> int:
         """Position of ``arm``; ``ValueError`` naming ``what`` if it is not in the space."""

@@ -49,8 +49,8 @@ class FleetModel:
 
     def observe(self, lanes: np.ndarray, arms: np.ndarray, times_s: np.ndarray, quality: np.ndarray) -> None:
         """Record completed rounds (lanes distinct)."""
-        np.add.at(self.quality_sum, arms, quality)
-        np.add.at(self.quality_n, arms, 1.0)
+        self.quality_sum += np.bincount(arms, weights=quality, minlength=self.n_arms)
+        self.quality_n += np.bincount(arms, minlength=self.n_arms)
         keep = times_s > 0
         lanes, arms, times_s = lanes[keep], arms[keep], times_s[keep]
         if lanes.size == 0:
@@ -64,16 +64,16 @@ class FleetModel:
         """Device slowness theta (NaN for devices never observed) and arm cost phi (NaN for arms
         nobody ran), phi centred on its observed arms. A pure function of the statistics (cold
         start every time), so inspecting the model never changes a later choice."""
+        # Weighted means of log T: with sum(w * mean) = log_sum, each sweep is two mat-vecs.
         w = self.weight
-        with np.errstate(divide="ignore", invalid="ignore"):
-            mean = np.where(w > 0, self.log_sum / w, 0.0)
         row_w, col_w = w.sum(axis=1), w.sum(axis=0)
+        row_s, col_s = self.log_sum.sum(axis=1), self.log_sum.sum(axis=0)
+        safe_row, safe_col = np.where(row_w > 0, row_w, 1.0), np.where(col_w > 0, col_w, 1.0)
         phi = np.zeros(w.shape[1])
         theta = np.zeros(w.shape[0])
         for _ in range(self.sweeps):
-            with np.errstate(divide="ignore", invalid="ignore"):
-                theta = np.where(row_w > 0, (w * (mean - phi)).sum(axis=1) / row_w, 0.0)
-                phi = np.where(col_w > 0, (w * (mean - theta[:, None])).sum(axis=0) / col_w, 0.0)
+            theta = np.where(row_w > 0, (row_s - w @ phi) / safe_row, 0.0)
+            phi = np.where(col_w > 0, (col_s - theta @ w) / safe_col, 0.0)
             if (col_w > 0).any():
                 shift = phi[col_w > 0].mean()
                 phi, theta = phi - shift, theta + shift

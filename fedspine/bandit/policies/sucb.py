@@ -73,6 +73,9 @@ class SmoothUCB(Policy):
         self._init_cells = [(p0, p1, r0, r1) for p0, p1 in p_edges for r0, r1 in r_edges]
         check_param("max_cells", max_cells, low=len(self._init_cells), integer=True)
         self.max_cells = int(max_cells)
+        self._slots = min(self.max_cells, len(space))  # a grid of K arms never needs more than K cells
+        self._arm_ratio_idx = np.arange(len(space)) // self.n_ranks
+        self._arm_rank_idx = np.arange(len(space)) % self.n_ranks
         super().__init__(space)
 
     def params(self) -> dict[str, Any]:
@@ -87,14 +90,19 @@ class SmoothUCB(Policy):
         }
 
     def _fresh_state(self, n: int) -> dict[str, np.ndarray]:
-        cap, k = self.max_cells, len(self._init_cells)
+        cap, k = self._slots, len(self._init_cells)
         bounds = np.zeros((cap, 4), dtype=np.int64)
         bounds[:k] = np.asarray(self._init_cells, dtype=np.int64)
-        leaf = np.zeros(cap, dtype=bool)
-        leaf[:k] = True
+        cell_of_arm = np.empty(self.n_arms, dtype=np.int64)  # which leaf holds each arm
+        for slot, (p0, p1, r0, r1) in enumerate(self._init_cells):
+            for pi in range(p0, p1):
+                cell_of_arm[pi * self.n_ranks + r0 : pi * self.n_ranks + r1] = slot
         return {
+            # Slots [0, n_used) are exactly the leaves: a split keeps the left half in the parent's
+            # slot and puts the right half in a new one, so no interior node is ever stored.
             "bounds": np.broadcast_to(bounds, (n, cap, 4)).copy(),  # p_lo, p_hi, r_lo, r_hi (half-open)
-            "leaf": np.broadcast_to(leaf, (n, cap)).copy(),
+            "diam": np.broadcast_to(self._diam(bounds), (n, cap)).copy(),
+            "cell_of_arm": np.broadcast_to(cell_of_arm, (n, self.n_arms)).copy(),
             "n_cell": np.zeros((n, cap), dtype=np.float64),
             "mu": np.zeros((n, cap), dtype=np.float64),
             "n_used": np.full(n, k, dtype=np.int64),
@@ -106,50 +114,30 @@ class SmoothUCB(Policy):
     def _diam(self, b: np.ndarray) -> np.ndarray:
         dp = (b[..., 1] - b[..., 0] - 1) / max(self.n_ratios - 1, 1)
         dr = (b[..., 3] - b[..., 2] - 1) / max(self.n_ranks - 1, 1)
-        return np.maximum(dp, dr)
+        return np.maximum(np.maximum(dp, dr), 0.0)
 
     def cell_scores(self, lanes: np.ndarray, allowed: np.ndarray | None = None) -> np.ndarray:
-        """Score of every cell slot per lane; -inf for non-leaves and cells with no allowed arm."""
+        """Score of every cell slot per lane; -inf for unused slots and cells with no allowed arm."""
         s = self._state
-        n, leaf = s["n_cell"][lanes], s["leaf"][lanes]
-        if allowed is not None:
-            leaf = leaf & (self._allowed_in_cells(lanes, allowed) > 0)
+        n = s["n_cell"][lanes]
         t = np.maximum(s["t"][lanes], 1)[:, None]
         with np.errstate(divide="ignore", invalid="ignore"):
-            u = s["mu"][lanes] + self.c * np.sqrt(2.0 * np.log(t) / n) + self.lipschitz * self._diam(s["bounds"][lanes])
+            u = s["mu"][lanes] + self.c * np.sqrt(2.0 * np.log(t) / n) + self.lipschitz * s["diam"][lanes]
         u = np.where(n > 0, u, np.inf)
-        return np.where(leaf, u, -np.inf)
-
-    def _allowed_in_cells(self, lanes: np.ndarray, allowed: np.ndarray) -> np.ndarray:
-        """Number of allowed arms inside every cell, via 2-D prefix sums over the grid."""
-        grid = allowed.reshape(lanes.size, self.n_ratios, self.n_ranks).astype(np.int64)
-        pre = np.zeros((lanes.size, self.n_ratios + 1, self.n_ranks + 1), dtype=np.int64)
-        pre[:, 1:, 1:] = grid.cumsum(axis=1).cumsum(axis=2)
-        b = self._state["bounds"][lanes]
-        rows = np.arange(lanes.size)[:, None]
-        p0, p1, r0, r1 = b[..., 0], b[..., 1], b[..., 2], b[..., 3]
-        return pre[rows, p1, r1] - pre[rows, p0, r1] - pre[rows, p1, r0] + pre[rows, p0, r0]
+        usable = np.arange(self._slots)[None, :] < s["n_used"][lanes][:, None]
+        if allowed is not None and not allowed.all():
+            flat = (s["cell_of_arm"][lanes] + self._slots * np.arange(lanes.size)[:, None])[allowed]
+            usable &= np.bincount(flat, minlength=lanes.size * self._slots).reshape(lanes.size, -1) > 0
+        return np.where(usable, u, -np.inf)
 
     def _select(self, lanes: np.ndarray, rng: np.random.Generator, allowed: np.ndarray) -> np.ndarray:
         cell = argmax_random_ties(self.cell_scores(lanes, allowed), rng)
-        b = self._state["bounds"][lanes, cell]
-        pi = np.arange(self.n_arms) // self.n_ranks
-        ri = np.arange(self.n_arms) % self.n_ranks
-        inside = (
-            (b[:, 0:1] <= pi) & (pi < b[:, 1:2]) & (b[:, 2:3] <= ri) & (ri < b[:, 3:4]) & allowed
-        )
+        inside = (self._state["cell_of_arm"][lanes] == cell[:, None]) & allowed
         return random_allowed(inside, rng)  # uniform over the cell's allowed arms
 
     def _update(self, lanes: np.ndarray, arms: np.ndarray, rewards: np.ndarray) -> None:
         s = self._state
-        pi, ri = arms // self.n_ranks, arms % self.n_ranks
-        b = s["bounds"][lanes]
-        inside = (
-            s["leaf"][lanes]
-            & (b[..., 0] <= pi[:, None]) & (pi[:, None] < b[..., 1])
-            & (b[..., 2] <= ri[:, None]) & (ri[:, None] < b[..., 3])
-        )
-        cell = np.argmax(inside, axis=1)  # leaves partition the grid: exactly one is True
+        cell = s["cell_of_arm"][lanes, arms]
         s["n_cell"][lanes, cell] += 1.0
         n = s["n_cell"][lanes, cell]
         mu = s["mu"][lanes, cell]
@@ -164,7 +152,7 @@ class SmoothUCB(Policy):
         b = s["bounds"][lanes, cell]
         wp, wr = b[:, 1] - b[:, 0], b[:, 3] - b[:, 2]
         ready = (s["n_cell"][lanes, cell] >= self.split_after) & ((wp > 1) | (wr > 1))
-        ready &= s["n_used"][lanes] < self.max_cells
+        ready &= s["n_used"][lanes] < self._slots
         if not ready.any():
             return
         lanes, cell, b, wp, wr = lanes[ready], cell[ready], b[ready], wp[ready], wr[ready]
@@ -179,18 +167,22 @@ class SmoothUCB(Policy):
         right[rows, lo_col] = mid
         s["bounds"][lanes, cell] = left
         s["bounds"][lanes, child] = right
+        s["diam"][lanes, cell] = self._diam(left)
+        s["diam"][lanes, child] = self._diam(right)
+        coord = np.where(along_ratio[:, None], self._arm_ratio_idx[None, :], self._arm_rank_idx[None, :])
+        moves = (s["cell_of_arm"][lanes] == cell[:, None]) & (coord >= mid[:, None])
+        s["cell_of_arm"][lanes] = np.where(moves, child[:, None], s["cell_of_arm"][lanes])
         half = s["n_cell"][lanes, cell] / 2.0
         s["n_cell"][lanes, cell] = half
         s["n_cell"][lanes, child] = half
         s["mu"][lanes, child] = s["mu"][lanes, cell]
-        s["leaf"][lanes, child] = True
         s["n_used"][lanes] += 1
 
     def leaves(self, lane: int) -> list[dict[str, Any]]:
         """The lane's current partition, for inspection and plots: ratio/rank ranges, n, mean."""
         s = self._state
         out = []
-        for c in np.flatnonzero(s["leaf"][lane]):
+        for c in range(int(s["n_used"][lane])):
             p0, p1, r0, r1 = (int(v) for v in s["bounds"][lane, c])
             out.append({
                 "ratios": (self.space.ratios[p0], self.space.ratios[p1 - 1]),
