@@ -88,6 +88,27 @@ class SyntheticFleet:
         ]
 
 
+def expected_rewards(fleet: SyntheticFleet, space: ArmSpace, reward: RewardConfig, time_ref: float) -> np.ndarray:
+    """Noise-free reward of every (device, arm) for a given round time reference.
+
+    The loss scale is each device's best achievable gain, which is what the allocator's decayed
+    running maximum approaches.
+    """
+    gains = fleet.expected_gains(space)
+    out, _ = combine(
+        reward,
+        gain=gains[None, :],
+        ratio=np.array([a.ratio for a in space])[None, :],
+        target_ratio=reward.target_ratio or space.max_ratio,
+        update_norm=np.full((1, len(space)), np.nan),
+        round_time_s=fleet.expected_times(space),
+        gain_ref=float(gains.max()),
+        norm_ref=float("nan"),
+        time_ref=time_ref,
+    )
+    return out
+
+
 def oracle_arms(
     fleet: SyntheticFleet, space: ArmSpace, reward: RewardConfig, iters: int = 200, start: str = "fastest"
 ) -> np.ndarray:
@@ -95,28 +116,14 @@ def oracle_arms(
 
     A device's reward depends on the round's time quantile, i.e. on the other devices' arms, so
     the oracle iterates best responses to a fixed point from ``start`` ("fastest" or "slowest"
-    arm for everyone). Its loss scale is each device's best achievable gain, which is what the
-    allocator's decayed running maximum approaches.
+    arm for everyone).
     """
     times = fleet.expected_times(space)
-    gains = fleet.expected_gains(space)
-    ratios = np.array([a.ratio for a in space])
     n = fleet.n_devices
     choice = times.argmin(axis=1) if start == "fastest" else times.argmax(axis=1)
     for _ in range(iters):
         t_ref = float(np.quantile(times[np.arange(n), choice], reward.time_quantile))
-        r, _ = combine(
-            reward,
-            gain=gains[None, :],
-            ratio=ratios[None, :],
-            target_ratio=reward.target_ratio or space.max_ratio,
-            update_norm=np.full((1, len(space)), np.nan),
-            round_time_s=times,
-            gain_ref=float(gains.max()),
-            norm_ref=float("nan"),
-            time_ref=t_ref,
-        )
-        new = r.argmax(axis=1)
+        new = expected_rewards(fleet, space, reward, t_ref).argmax(axis=1)
         if np.array_equal(new, choice):
             break
         choice = new
