@@ -5,10 +5,10 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from itertools import repeat
 from operator import attrgetter
-from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 
@@ -17,11 +17,18 @@ from fedspine.bandit.fleet import FleetModel
 from fedspine.bandit.policies import POLICIES, make_policy
 from fedspine.bandit.reward import RewardConfig, combine, loss_gain, time_score
 
-DeviceId = Union[str, int]
+DeviceId = str | int
 
 _EXTRA_KEYS = ("achieved_ratio", "update_norm", "failed")
 _REPORT_FIELDS = (
-    "device_id", "arm", "round_time_s", "loss_before", "loss_after", "achieved_ratio", "update_norm", "failed"
+    "device_id",
+    "arm",
+    "round_time_s",
+    "loss_before",
+    "loss_after",
+    "achieved_ratio",
+    "update_norm",
+    "failed",
 )
 _report_fields = attrgetter(*_REPORT_FIELDS)
 _STATE_VERSION = 1
@@ -83,7 +90,9 @@ class Allocator:
         if reward is not None and not isinstance(reward, RewardConfig):
             raise ValueError(f"reward must be a RewardConfig, got {type(reward).__name__}")
         if safe_slack is not None and (
-            isinstance(safe_slack, bool) or not isinstance(safe_slack, numbers.Real) or not 0 <= safe_slack < math.inf
+            isinstance(safe_slack, bool)
+            or not isinstance(safe_slack, numbers.Real)
+            or not 0 <= safe_slack < math.inf
         ):
             raise ValueError(f"safe_slack must be None (off) or a number >= 0, got {safe_slack!r}")
         self.space = space
@@ -119,7 +128,9 @@ class Allocator:
         if self._pending and round == self._round:
             for d in ids:
                 if d in self._pending:
-                    raise ValueError(f"device_ids: {d!r} already has an unobserved assignment for round {round}")
+                    raise ValueError(
+                        f"device_ids: {d!r} already has an unobserved assignment for round {round}"
+                    )
         # validated: from here on, state changes
         self._expire_before(round)
         self._fold_time_ref(before_round=round)
@@ -134,8 +145,8 @@ class Allocator:
         lanes = np.fromiter(map(self._lanes.__getitem__, ids), dtype=np.int64, count=len(ids))
         allowed = None if self.safe_slack is None else self.safe_arms(lanes)
         arms = self.policy.select(lanes, self.rng, allowed).tolist()
-        self._pending.update(zip(ids, zip(repeat(round), arms)))
-        return dict(zip(ids, map(self.space.arms.__getitem__, arms)))
+        self._pending.update(zip(ids, zip(repeat(round), arms, strict=False), strict=True))
+        return dict(zip(ids, map(self.space.arms.__getitem__, arms), strict=True))
 
     # --- learning ------------------------------------------------------------------------------
     def observe(
@@ -190,7 +201,7 @@ class Allocator:
         n = len(reports)
         if n == 0:
             return {}
-        cols = dict(zip(_REPORT_FIELDS, zip(*map(_report_fields, reports)), strict=True))
+        cols = dict(zip(_REPORT_FIELDS, zip(*map(_report_fields, reports), strict=True), strict=True))
         ids = _check_ids(cols["device_id"], "device_id")
         if not all(map(self._pending.__contains__, ids)):
             d = next(d for d in ids if d not in self._pending)
@@ -198,7 +209,9 @@ class Allocator:
             raise ValueError(f"device_id {d!r}: {what} (call assign first; an assignment is observed once)")
         # Arms handed out by assign() are the space's own objects: look them up by identity first
         # (a C-level int lookup), by value only for the rest.
-        arm_idx = np.fromiter(map(self._arm_by_id.get, map(id, cols["arm"]), repeat(-1)), dtype=np.int64, count=n)
+        arm_idx = np.fromiter(
+            map(self._arm_by_id.get, map(id, cols["arm"]), repeat(-1)), dtype=np.int64, count=n
+        )
         if (arm_idx < 0).any():
             by_value = np.fromiter(map(self._arm_index.get, cols["arm"], repeat(-1)), dtype=np.int64, count=n)
             arm_idx = np.where(arm_idx < 0, by_value, arm_idx)

@@ -67,7 +67,10 @@ class RewardConfig:
         if not 0.0 <= self.reference_decay <= 1.0:
             raise ValueError(f"RewardConfig.reference_decay must be in [0, 1], got {self.reference_decay!r}")
         if not 0.0 <= self.target_ratio < 1.0:
-            raise ValueError(f"RewardConfig.target_ratio must be in [0, 1) (0 = the space's max), got {self.target_ratio!r}")
+            raise ValueError(
+                "RewardConfig.target_ratio must be in [0, 1) (0 means the space's largest ratio), "
+                f"got {self.target_ratio!r}"
+            )
         if not 0.0 <= self.time_quantile <= 1.0:
             raise ValueError(f"RewardConfig.time_quantile must be in [0, 1], got {self.time_quantile!r}")
         if not 0.0 < self.fleet_ema <= 1.0:

@@ -75,7 +75,11 @@ class SyntheticFleet:
         return self.gain_max * (1 - p) ** 1.5 * r / (r + self.rank_half)
 
     def run_round(
-        self, arms: Sequence[Arm], space: ArmSpace, rng: np.random.Generator, devices: Sequence[int] | None = None
+        self,
+        arms: Sequence[Arm],
+        space: ArmSpace,
+        rng: np.random.Generator,
+        devices: Sequence[int] | None = None,
     ) -> list[RoundReport]:
         """Simulate one round: the reports the devices would send back."""
         devices = list(range(self.n_devices)) if devices is None else list(devices)
@@ -88,7 +92,9 @@ class SyntheticFleet:
         ]
 
 
-def expected_rewards(fleet: SyntheticFleet, space: ArmSpace, reward: RewardConfig, time_ref: float) -> np.ndarray:
+def expected_rewards(
+    fleet: SyntheticFleet, space: ArmSpace, reward: RewardConfig, time_ref: float
+) -> np.ndarray:
     """Noise-free reward of every (device, arm) for a given round time reference.
 
     The loss scale is each device's best achievable gain, which is what the allocator's decayed
@@ -146,7 +152,9 @@ def simulate(
     return {"makespan": np.array(makespans), "arms": np.array(arm_log)}
 
 
-def oracle_makespans(fleet: SyntheticFleet, space: ArmSpace, reward: RewardConfig, rounds: int, seed: int = 0) -> np.ndarray:
+def oracle_makespans(
+    fleet: SyntheticFleet, space: ArmSpace, reward: RewardConfig, rounds: int, seed: int = 0
+) -> np.ndarray:
     """Per-round makespan when every device plays its oracle arm, under the same noise model."""
     rng = np.random.default_rng(seed)
     best = oracle_arms(fleet, space, reward)

@@ -5,7 +5,13 @@ import numpy as np
 import pytest
 
 from fedspine.bandit import Allocator, Arm, ArmSpace, RewardConfig, RoundReport
-from fedspine.bandit.synthetic import SyntheticFleet, expected_rewards, oracle_arms, oracle_makespans, simulate
+from fedspine.bandit.synthetic import (
+    SyntheticFleet,
+    expected_rewards,
+    oracle_arms,
+    oracle_makespans,
+    simulate,
+)
 
 SPACE = ArmSpace.grid([round(0.1 * i, 1) for i in range(8)], [4, 8, 16, 32])
 
@@ -38,7 +44,9 @@ def test_without_the_fleet_model_per_device_exploration_stalls_the_round(fleet):
     """Documents why safe exploration exists: pure per-device S-UCB (the paper's structure as we
     reconstruct it) keeps some slow device exploring a heavy arm in most rounds."""
     with_model = simulate(fleet, Allocator(SPACE, seed=0), rounds=50, seed=0)["makespan"][30:].mean()
-    per_device = simulate(fleet, Allocator(SPACE, seed=0, safe_slack=None), rounds=50, seed=0)["makespan"][30:].mean()
+    per_device = simulate(fleet, Allocator(SPACE, seed=0, safe_slack=None), rounds=50, seed=0)["makespan"][
+        30:
+    ].mean()
     assert per_device > 2 * with_model
 
 
@@ -55,7 +63,9 @@ def test_per_device_bandits_pick_better_arms_than_chance_inside_the_safe_set(fle
     def regret(policy: str) -> float:
         out = []
         for seed in range(2):
-            arms = simulate(fleet, Allocator(SPACE, policy=policy, seed=seed), rounds=50, seed=seed)["arms"][30:]
+            arms = simulate(fleet, Allocator(SPACE, policy=policy, seed=seed), rounds=50, seed=seed)["arms"][
+                30:
+            ]
             out.append(np.mean(optimum[None, :] - exp_r[np.arange(fleet.n_devices)[None, :], arms]))
         return float(np.mean(out))
 
@@ -100,12 +110,16 @@ def test_reward_is_in_unit_interval_and_orders_faster_and_better_rounds_first():
             alloc._pending[r.device_id] = (rnd, SPACE.index(same))
         return alloc.observe_round(reports)
 
-    r1 = round_of(1, [report("slow", same, t=40.0), report("fast", same, t=10.0), report("d", same, after=1.0)])
+    r1 = round_of(
+        1, [report("slow", same, t=40.0), report("fast", same, t=10.0), report("d", same, after=1.0)]
+    )
     assert all(0.0 <= v <= 1.0 for v in r1.values())
     assert r1["fast"] > r1["slow"]
     # Loss improvement is scaled by the device's own best recent gain: a worse round for "d"
     # (gain 0.05 after 0.5) earns less at the same time.
-    r2 = round_of(2, [report("slow", same, t=40.0), report("fast", same, t=10.0), report("d", same, after=1.9)])
+    r2 = round_of(
+        2, [report("slow", same, t=40.0), report("fast", same, t=10.0), report("d", same, after=1.9)]
+    )
     assert r2["d"] < r1["d"]
 
 
@@ -117,9 +131,15 @@ def test_reward_is_in_unit_interval_and_orders_faster_and_better_rounds_first():
         (lambda a, arm: a.observe("d0", arm, -1.0, 1.0, 0.5), "round_time_s must be finite and >= 0.0"),
         (lambda a, arm: a.observe("d0", arm, 1.0, math.nan, 0.5), "loss_before must be finite"),
         (lambda a, arm: a.observe("d0", arm, 1.0, 1.0, math.inf), "loss_after must be finite"),
-        (lambda a, arm: a.observe("d0", Arm(0.95, 4), 1.0, 1.0, 0.5), "arm (device 'd0') Arm(ratio=0.95, rank=4) is not in"),
+        (
+            lambda a, arm: a.observe("d0", Arm(0.95, 4), 1.0, 1.0, 0.5),
+            "arm (device 'd0') Arm(ratio=0.95, rank=4) is not in",
+        ),
         (lambda a, arm: a.observe("d0", arm, 1.0, 1.0, 0.5, speed=3), "unknown extra field(s) ['speed']"),
-        (lambda a, arm: a.observe("d0", arm, 1.0, 1.0, 0.5, achieved_ratio=1.5), "achieved_ratio must be finite and [0.0, 1.0]"),
+        (
+            lambda a, arm: a.observe("d0", arm, 1.0, 1.0, 0.5, achieved_ratio=1.5),
+            "achieved_ratio must be finite and [0.0, 1.0]",
+        ),
         (lambda a, arm: a.observe("d0", arm, "fast", 1.0, 0.5), "round_time_s must be a number"),
         (lambda a, arm: a.observe_round([report("d0", arm), report("d1", arm, t=-2)]), "round_time_s"),
         (lambda a, arm: a.observe_round([report("d0", arm), report("d0", arm)]), "duplicate device ids"),
@@ -176,9 +196,9 @@ def test_state_dict_json_round_trip_makes_exactly_the_same_future_choices(policy
     for rnd in range(12, 20):
         a, b = alloc.assign(devices, rnd), clone.assign(devices, rnd)
         assert a == b
-        assert alloc.observe_round(fleet.run_round([a[d] for d in devices], SPACE, rng_a)) == clone.observe_round(
-            fleet.run_round([b[d] for d in devices], SPACE, rng_b)
-        )
+        assert alloc.observe_round(
+            fleet.run_round([a[d] for d in devices], SPACE, rng_a)
+        ) == clone.observe_round(fleet.run_round([b[d] for d in devices], SPACE, rng_b))
     assert state(alloc) == state(clone)
 
 

@@ -55,9 +55,14 @@ def test_refine_adds_midpoints_around_the_best_arm_only():
     refined = space.refine(Arm(0.4, 8))
     added = set(refined) - set(space)
     assert added == {
-        Arm(0.3, 8), Arm(0.5, 8),            # ratio midpoints at the best rank
-        Arm(0.4, 6), Arm(0.4, 12),           # rank midpoints at the best ratio
-        Arm(0.3, 6), Arm(0.3, 12), Arm(0.5, 6), Arm(0.5, 12),  # their combinations
+        Arm(0.3, 8),
+        Arm(0.5, 8),  # ratio midpoints at the best rank
+        Arm(0.4, 6),
+        Arm(0.4, 12),  # rank midpoints at the best ratio
+        Arm(0.3, 6),
+        Arm(0.3, 12),
+        Arm(0.5, 6),
+        Arm(0.5, 12),  # their combinations
     }
     assert set(space) <= set(refined)
     assert not refined.is_grid  # refined locally, not everywhere

@@ -125,7 +125,9 @@ def test_bad_updates_are_rejected_without_touching_state(name):
 def test_make_policy_names_what_is_allowed():
     with pytest.raises(ValueError, match=r"policy must be one of \[.*'s-ucb'.*\], got 'ucb2'"):
         make_policy("ucb2", SPACE)
-    with pytest.raises(ValueError, match=r"unknown parameter\(s\) \['cc'\] for policy 'ucb1'; allowed: \['c'\]"):
+    with pytest.raises(
+        ValueError, match=r"unknown parameter\(s\) \['cc'\] for policy 'ucb1'; allowed: \['c'\]"
+    ):
         make_policy("ucb1", SPACE, cc=1.0)
     with pytest.raises(ValueError, match=r"gamma must be in \(0.0, 1.0\), got 1.5"):
         make_policy("discounted-ucb", SPACE, gamma=1.5)
@@ -146,8 +148,11 @@ def test_sucb_zooms_into_the_best_region():
         pol.update([0], [a], [float(np.clip(means[a] + 0.05 * env.standard_normal(), 0, 1))])
     leaves = pol.leaves(0)
     # The partition is still a partition of the whole grid ...
-    assert sum((SPACE.ratios.index(c["ratios"][1]) - SPACE.ratios.index(c["ratios"][0]) + 1)
-               * (SPACE.ranks.index(c["ranks"][1]) - SPACE.ranks.index(c["ranks"][0]) + 1) for c in leaves) == len(SPACE)
+    assert sum(
+        (SPACE.ratios.index(c["ratios"][1]) - SPACE.ratios.index(c["ratios"][0]) + 1)
+        * (SPACE.ranks.index(c["ranks"][1]) - SPACE.ranks.index(c["ranks"][0]) + 1)
+        for c in leaves
+    ) == len(SPACE)
     # ... refined most where the reward is best: the most-played leaf is small and holds the peak.
     top = max(leaves, key=lambda c: c["n"])
     assert top["ratios"][0] <= 0.6 <= top["ratios"][1] and top["ranks"][0] <= 8 <= top["ranks"][1]

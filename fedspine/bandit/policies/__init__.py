@@ -14,7 +14,16 @@ from fedspine.bandit.policies.ucb import UCB1, DiscountedUCB, SlidingWindowUCB
 
 POLICIES: dict[str, type[Policy]] = {
     cls.name: cls
-    for cls in (SmoothUCB, UCB1, DiscountedUCB, SlidingWindowUCB, EXP3, GaussianThompson, EpsilonGreedy, UniformRandom)
+    for cls in (
+        SmoothUCB,
+        UCB1,
+        DiscountedUCB,
+        SlidingWindowUCB,
+        EXP3,
+        GaussianThompson,
+        EpsilonGreedy,
+        UniformRandom,
+    )
 }
 
 

@@ -184,8 +184,16 @@ def argmax_random_ties(values: np.ndarray, rng: np.random.Generator) -> np.ndarr
     return np.argmax(np.where(values == top, noise, -1.0), axis=1)
 
 
-def check_param(name: str, value: Any, *, low: float | None = None, high: float | None = None,
-                low_open: bool = False, high_open: bool = False, integer: bool = False) -> None:
+def check_param(
+    name: str,
+    value: Any,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    integer: bool = False,
+) -> None:
     """Validate one hyperparameter and name it (and its allowed range) when it is wrong."""
     lo = "(" if low_open else "["
     hi = ")" if high_open else "]"

@@ -7,7 +7,13 @@ from typing import Any
 import numpy as np
 
 from fedspine.bandit.arms import ArmSpace
-from fedspine.bandit.policies.base import Policy, argmax_random_ties, check_param, counts_state, random_allowed
+from fedspine.bandit.policies.base import (
+    Policy,
+    argmax_random_ties,
+    check_param,
+    counts_state,
+    random_allowed,
+)
 
 
 class _CountingPolicy(Policy):

@@ -184,12 +184,14 @@ class SmoothUCB(Policy):
         out = []
         for c in range(int(s["n_used"][lane])):
             p0, p1, r0, r1 = (int(v) for v in s["bounds"][lane, c])
-            out.append({
-                "ratios": (self.space.ratios[p0], self.space.ratios[p1 - 1]),
-                "ranks": (self.space.ranks[r0], self.space.ranks[r1 - 1]),
-                "n": float(s["n_cell"][lane, c]),
-                "mean": float(s["mu"][lane, c]),
-            })
+            out.append(
+                {
+                    "ratios": (self.space.ratios[p0], self.space.ratios[p1 - 1]),
+                    "ranks": (self.space.ranks[r0], self.space.ranks[r1 - 1]),
+                    "n": float(s["n_cell"][lane, c]),
+                    "mean": float(s["mu"][lane, c]),
+                }
+            )
         return out
 
 

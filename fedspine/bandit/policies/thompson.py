@@ -27,7 +27,9 @@ class GaussianThompson(Policy):
 
     name = "thompson"
 
-    def __init__(self, space: ArmSpace, *, sigma: float = 0.5, prior_mean: float = 0.5, prior_count: float = 1.0):
+    def __init__(
+        self, space: ArmSpace, *, sigma: float = 0.5, prior_mean: float = 0.5, prior_count: float = 1.0
+    ):
         check_param("sigma", sigma, low=0.0, low_open=True)
         check_param("prior_mean", prior_mean, low=0.0, high=1.0)
         check_param("prior_count", prior_count, low=0.0, low_open=True)
