@@ -72,6 +72,11 @@ class Allocator:
     Devices unseen before start with no history; a device absent for some rounds keeps its
     history; an assignment never observed by the next :meth:`assign` counts as a failure
     (reward 0). Rejected calls raise ``ValueError`` naming the argument and change nothing.
+
+    ``safe_slack`` (ours, not in the paper) turns on safe exploration: a fleet-wide model of
+    round times (:mod:`fedspine.bandit.fleet`) keeps every device's exploration under the
+    round's predicted makespan, times ``1 + safe_slack``. ``None`` leaves pure per-device
+    bandits, the paper's structure.
     """
 
     def __init__(
