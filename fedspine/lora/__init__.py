@@ -1,0 +1,44 @@
+"""LoRA adapters for pruned devices: peft attach/extract/load/merge, and coordinate maps.
+
+``fedspine.lora.coords`` (lift/project between a pruned device's coordinates and the original
+model's, rank padding/truncation) is numpy only, so the server can import it without torch.
+The peft functions (``attach``, ``extract``, ``load``, ``merge``, ``detach``, ``adapter_shapes``)
+live in ``fedspine.lora.adapters`` and are loaded on first access, so ``import fedspine.lora``
+alone does not import torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from fedspine.lora.coords import Lifted, SliceLike, lift, pad_rank, project, rank_of, truncate_rank
+
+_ADAPTERS = (
+    "ALPHA_PER_RANK",
+    "DEFAULT_TARGETS",
+    "LoadReport",
+    "adapter_shapes",
+    "attach",
+    "detach",
+    "extract",
+    "load",
+    "merge",
+)
+
+__all__ = [
+    "Lifted",
+    "SliceLike",
+    "lift",
+    "pad_rank",
+    "project",
+    "rank_of",
+    "truncate_rank",
+    *_ADAPTERS,
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _ADAPTERS:
+        return getattr(importlib.import_module("fedspine.lora.adapters"), name)
+    raise AttributeError(f"module 'fedspine.lora' has no attribute {name!r}")
