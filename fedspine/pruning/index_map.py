@@ -51,6 +51,23 @@ class ArchShape:
 
 
 @dataclass(frozen=True)
+class ModuleSlice:
+    """Original indices of the output rows / input columns a pruned Linear still has.
+
+    ``None`` means that side is never pruned (e.g. the hidden-size inputs of q_proj). Adapters
+    trained on the pruned model scatter into original coordinates with ``W[out_idx][:, in_idx]``.
+    """
+
+    out_idx: np.ndarray | None
+    in_idx: np.ndarray | None
+
+
+# Which KeptIndexMap index set each role's rows / columns follow (ours; the roles are the same for
+# every family: see fedspine.pruning.arch for the module paths).
+ROLES: tuple[str, ...] = ("q", "k", "v", "o", "mlp_in", "mlp_out")
+
+
+@dataclass(frozen=True)
 class LayerKept:
     """Original indices of the units one layer still has, sorted ascending."""
 
@@ -130,6 +147,21 @@ class KeptIndexMap:
     def channel_idx(self, layer: int) -> np.ndarray:
         """Original MLP intermediate channels that survive (rows of up/gate, columns of down)."""
         return np.asarray(self.layers[layer].channels, dtype=np.int64)
+
+    def role_slices(self, layer: int) -> dict[str, ModuleSlice]:
+        """Per role (see ``ROLES``), the original rows / columns kept in ``layer``.
+
+        ``mlp_in`` covers every MLP input matrix (BERT ``intermediate.dense``; LLaMA gate and up).
+        """
+        heads, kv, chans = self.head_rows(layer), self.kv_rows(layer), self.channel_idx(layer)
+        return {
+            "q": ModuleSlice(heads, None),
+            "k": ModuleSlice(kv, None),
+            "v": ModuleSlice(kv, None),
+            "o": ModuleSlice(None, heads),
+            "mlp_in": ModuleSlice(chans, None),
+            "mlp_out": ModuleSlice(None, chans),
+        }
 
     def sparsity(self, mlp_matrices: int) -> float:
         """Fraction of the prunable weights (q/k/v/o and the MLP matrices) removed.

@@ -1,0 +1,263 @@
+"""Model families the pruner understands, keyed by ``model.config.model_type``.
+
+A family knows three things and nothing else: where each layer's modules are, by *role*
+(q, k, v, o, mlp_in, mlp_out), how big the model is now (``arch_shape``), and how to make the HF
+config and the attention modules' attributes agree with the weights after a prune
+(``sync_config``). Pruning and importance code only ever talk to roles, so adding a family is one
+class and one registry line (ours).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from fedspine.pruning.index_map import ROLES, ArchShape, KeptIndexMap, ModuleSlice
+
+
+@dataclass(frozen=True)
+class LayerRoles:
+    """One transformer layer's prunable Linears, by role."""
+
+    q: nn.Linear
+    k: nn.Linear
+    v: nn.Linear
+    o: nn.Linear
+    mlp_in: tuple[nn.Linear, ...]  # BERT: (intermediate.dense,); LLaMA: (gate_proj, up_proj)
+    mlp_out: nn.Linear
+
+
+class Family:
+    """Base class: subclasses fill in the paths and the config fields."""
+
+    name: str = ""
+    mlp_matrices: int = 0  # MLP matrices per layer, for KeptIndexMap.sparsity
+    layer_prefixes: tuple[str, ...] = ()  # candidate paths of the layer list, first match wins
+    role_paths: dict[str, tuple[str, ...]] = {}  # role -> module paths inside one layer
+    causal_lm: bool = False
+
+    # --- locating modules ------------------------------------------------------------------------
+    def layer_prefix(self, model: nn.Module) -> str:
+        """Path of the layer list (``bert.encoder.layer`` for BertFor*, ``encoder.layer`` for BertModel)."""
+        for prefix in self.layer_prefixes:
+            try:
+                model.get_submodule(prefix)
+            except AttributeError:
+                continue
+            return prefix
+        raise ValueError(f"{self.name}: none of {list(self.layer_prefixes)} found in {type(model).__name__}")
+
+    def layers(self, model: nn.Module) -> list[LayerRoles]:
+        out = []
+        for layer in model.get_submodule(self.layer_prefix(model)):
+            mods = {
+                role: tuple(layer.get_submodule(p) for p in paths) for role, paths in self.role_paths.items()
+            }
+            out.append(
+                LayerRoles(
+                    q=mods["q"][0],
+                    k=mods["k"][0],
+                    v=mods["v"][0],
+                    o=mods["o"][0],
+                    mlp_in=mods["mlp_in"],
+                    mlp_out=mods["mlp_out"][0],
+                )
+            )
+        return out
+
+    def module_paths(self, model: nn.Module, layer: int) -> dict[str, tuple[str, ...]]:
+        """Role -> full module paths (relative to ``model``) in one layer."""
+        prefix = self.layer_prefix(model)
+        return {
+            role: tuple(f"{prefix}.{layer}.{p}" for p in paths) for role, paths in self.role_paths.items()
+        }
+
+    # --- sizes and config ------------------------------------------------------------------------
+    def head_dim(self, model: nn.Module) -> int:
+        raise NotImplementedError
+
+    def arch_shape(self, model: nn.Module) -> ArchShape:
+        """Current sizes, read from the weights (== the original sizes for an unpruned model).
+
+        Every layer must have the same sizes: a HF config has one value per field.
+        """
+        hd = self.head_dim(model)
+        sizes = {
+            (lr.q.out_features // hd, lr.k.out_features // hd, lr.mlp_in[0].out_features)
+            for lr in self.layers(model)
+        }
+        if len(sizes) != 1:
+            raise ValueError(
+                f"{self.name}: layers differ in size {sorted(sizes)}; a HF config needs them equal"
+            )
+        heads, kv, inter = sizes.pop()
+        return ArchShape(
+            num_layers=len(self.layers(model)),
+            num_heads=heads,
+            num_kv_heads=kv,
+            head_dim=hd,
+            intermediate_size=inter,
+            hidden_size=int(model.config.hidden_size),
+        )
+
+    def write_config(self, config: Any, shape: ArchShape) -> None:
+        """Set the config fields that describe ``shape`` (in place)."""
+        raise NotImplementedError
+
+    def sync_modules(self, model: nn.Module, shape: ArchShape) -> None:
+        """Set the attention/MLP module attributes that cache sizes."""
+
+    def sync_config(self, model: nn.Module) -> ArchShape:
+        """Make the HF config and module attributes match the (pruned) weights; returns the shape."""
+        shape = self.arch_shape(model)
+        self.write_config(model.config, shape)
+        self.sync_modules(model, shape)
+        return shape
+
+    def config_for_shape(self, config: Any, shape: ArchShape) -> Any:
+        """A copy of ``config`` describing ``shape`` (used to save the original architecture)."""
+        new = copy.deepcopy(config)
+        self.write_config(new, shape)
+        return new
+
+    def plain_loadable(self, shape: ArchShape) -> bool:
+        """Whether ``from_pretrained`` rebuilds a model of this shape from a plain config."""
+        raise NotImplementedError
+
+    def tracing(self) -> contextlib.AbstractContextManager[None]:
+        """Context to hold while torch-pruning traces the model (a no-op unless a family needs one)."""
+        return contextlib.nullcontext()
+
+
+class BertFamily(Family):
+    name = "bert"
+    mlp_matrices = 2
+    layer_prefixes = ("bert.encoder.layer", "encoder.layer")
+    role_paths = {
+        "q": ("attention.self.query",),
+        "k": ("attention.self.key",),
+        "v": ("attention.self.value",),
+        "o": ("attention.output.dense",),
+        "mlp_in": ("intermediate.dense",),
+        "mlp_out": ("output.dense",),
+    }
+
+    def _self_attn(self, model: nn.Module) -> list[nn.Module]:
+        prefix = self.layer_prefix(model)
+        return [layer.attention.self for layer in model.get_submodule(prefix)]
+
+    def head_dim(self, model: nn.Module) -> int:
+        return int(self._self_attn(model)[0].attention_head_size)
+
+    def write_config(self, config: Any, shape: ArchShape) -> None:
+        config.num_attention_heads = shape.num_heads
+        config.intermediate_size = shape.intermediate_size
+
+    def sync_modules(self, model: nn.Module, shape: ArchShape) -> None:
+        for sa in self._self_attn(model):
+            sa.num_attention_heads = shape.num_heads
+            sa.all_head_size = shape.num_heads * shape.head_dim
+
+    def plain_loadable(self, shape: ArchShape) -> bool:
+        # transformers 5 BertSelfAttention derives head size as hidden_size / num_attention_heads,
+        # so a BERT with pruned heads cannot be described by a plain BertConfig.
+        return shape.hidden_size == shape.num_heads * shape.head_dim
+
+
+class LlamaFamily(Family):
+    name = "llama"
+    mlp_matrices = 3
+    layer_prefixes = ("model.layers", "layers")
+    role_paths = {
+        "q": ("self_attn.q_proj",),
+        "k": ("self_attn.k_proj",),
+        "v": ("self_attn.v_proj",),
+        "o": ("self_attn.o_proj",),
+        "mlp_in": ("mlp.gate_proj", "mlp.up_proj"),
+        "mlp_out": ("mlp.down_proj",),
+    }
+    causal_lm = True
+
+    def head_dim(self, model: nn.Module) -> int:
+        return int(model.get_submodule(self.layer_prefix(model))[0].self_attn.head_dim)
+
+    def write_config(self, config: Any, shape: ArchShape) -> None:
+        config.head_dim = shape.head_dim  # explicit: hidden_size // heads no longer gives it
+        config.num_attention_heads = shape.num_heads
+        config.num_key_value_heads = shape.num_kv_heads
+        config.intermediate_size = shape.intermediate_size
+
+    def sync_modules(self, model: nn.Module, shape: ArchShape) -> None:
+        for layer in model.get_submodule(self.layer_prefix(model)):
+            layer.self_attn.num_key_value_groups = shape.group_size
+            layer.mlp.intermediate_size = shape.intermediate_size
+
+    def plain_loadable(self, shape: ArchShape) -> bool:
+        # head_dim is explicit in the config, but LlamaConfig still validates hidden % heads == 0.
+        return shape.hidden_size % shape.num_heads == 0
+
+    @contextlib.contextmanager
+    def tracing(self) -> Iterator[None]:
+        """Replace RoPE's ``rotate_half`` by the identity while torch-pruning traces.
+
+        torch-pruning 1.6.1 never returns from ``get_pruning_group`` on q/k through
+        ``rotate_half`` (slice + cat; VainF/Torch-Pruning#527). We prune whole heads only, so the
+        rotation's index shuffling inside a head does not matter for dependencies.
+        """
+        import transformers.models.llama.modeling_llama as modeling_llama
+
+        orig = modeling_llama.rotate_half
+        modeling_llama.rotate_half = lambda x: x
+        try:
+            yield
+        finally:
+            modeling_llama.rotate_half = orig
+
+
+FAMILIES: dict[str, Family] = {"bert": BertFamily(), "llama": LlamaFamily()}
+
+
+def family_of(model: nn.Module) -> Family:
+    """The family of a HF model (or a peft wrapper around one), by ``config.model_type``."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in FAMILIES:
+        raise ValueError(f"unsupported model_type {model_type!r}; supported: {sorted(FAMILIES)}")
+    return FAMILIES[model_type]
+
+
+def arch_shape(model: nn.Module) -> ArchShape:
+    """The model's sizes read from its weights: the original sizes for an unpruned model, the
+    current (pruned) sizes otherwise. Keep the original ones in ``KeptIndexMap.shape``."""
+    return family_of(model).arch_shape(model)
+
+
+def sync_config(model: nn.Module) -> ArchShape:
+    """Make ``model.config`` and the attention modules' attributes match the weights."""
+    return family_of(model).sync_config(model)
+
+
+def layer_roles(model: nn.Module) -> list[LayerRoles]:
+    """Per layer, the prunable Linears by role."""
+    return family_of(model).layers(model)
+
+
+def module_slices(model: nn.Module, kept_map: KeptIndexMap) -> dict[str, ModuleSlice]:
+    """For every q/k/v/o/MLP Linear (keyed by its path in ``model``), the original indices of its
+    kept output rows / input columns. The LoRA code scatters adapters into original coordinates
+    with these."""
+    fam = family_of(model)
+    if len(kept_map.layers) != len(fam.layers(model)):
+        raise ValueError(f"kept_map has {len(kept_map.layers)} layers, the model {len(fam.layers(model))}")
+    out: dict[str, ModuleSlice] = {}
+    for i in range(len(kept_map.layers)):
+        slices = kept_map.role_slices(i)
+        paths = fam.module_paths(model, i)
+        for role in ROLES:
+            for path in paths[role]:
+                out[path] = slices[role]
+    return out

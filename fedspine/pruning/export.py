@@ -1,0 +1,139 @@
+"""Save a pruned (and possibly LoRA-tuned) model for deployment, and load it back.
+
+``export_for_deployment`` writes ``save_pretrained`` safetensors, the tokenizer and
+``fedspine_pruning.json`` (the kept map and which loader the directory needs). A plain HF config
+can describe most pruned models, and then ``AutoModel*.from_pretrained(path)`` is all a device
+needs. It cannot describe:
+
+* BERT with pruned heads: transformers 5 derives the head size as hidden / num_attention_heads;
+* LLaMA whose head count does not divide hidden (``LlamaConfig`` validates hidden % heads == 0).
+
+For those the directory holds the *original* architecture's config, and ``load_pruned`` builds
+that model, shrinks it with the saved kept map and loads the weights (ours).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fedspine.pruning.arch import family_of
+from fedspine.pruning.index_map import KeptIndexMap
+
+META_FILE = "fedspine_pruning.json"
+PLAIN = "transformers.from_pretrained"
+FALLBACK = "fedspine.pruning.load_pruned"
+
+
+def export_for_deployment(
+    model: nn.Module,
+    path: str | Path,
+    tokenizer: Any = None,
+    kept_map: KeptIndexMap | None = None,
+) -> Path:
+    """Write ``model`` to ``path`` so that a device can load it with no fedspine state.
+
+    A peft model is merged and unloaded first (this merges the adapters into the caller's base
+    weights). ``kept_map`` (``None``: the model is unpruned) is stored next to the weights; the
+    JSON's ``loader`` says whether plain ``from_pretrained`` works or ``load_pruned`` is needed.
+    """
+    if type(model).__module__.startswith("peft.") and hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    fam = family_of(model)
+    shape = fam.arch_shape(model)
+    if kept_map is None:
+        kept_map = KeptIndexMap.full(shape)
+    for i, lk in enumerate(kept_map.layers):
+        if (len(lk.heads), len(lk.kv_heads), len(lk.channels)) != (
+            shape.num_heads,
+            shape.num_kv_heads,
+            shape.intermediate_size,
+        ):
+            raise ValueError(f"kept_map layer {i} does not match the model's current sizes {shape}")
+    _drop_gguf_marker(model)
+    fam.sync_config(model)
+    plain = fam.plain_loadable(shape)
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    config = model.config
+    if not plain:  # save the original architecture's config; load_pruned shrinks it again
+        model.config = fam.config_for_shape(config, kept_map.shape)
+    try:
+        model.save_pretrained(out)
+    finally:
+        model.config = config
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    meta = {
+        "format": 1,
+        "family": fam.name,
+        "loader": PLAIN if plain else FALLBACK,
+        "note": (
+            "load with AutoModel*.from_pretrained(path)"
+            if plain
+            else "a plain HF config cannot describe these pruned widths; load with "
+            "fedspine.pruning.load_pruned(path) (config.json describes the unpruned architecture)"
+        ),
+        "sparsity": kept_map.sparsity(fam.mlp_matrices),
+        "kept_map": kept_map.to_dict(),
+    }
+    (out / META_FILE).write_text(json.dumps(meta, indent=1))
+    return out
+
+
+def load_pruned(path: str | Path) -> nn.Module:
+    """Load a directory written by ``export_for_deployment`` (either loader), in eval mode."""
+    import transformers
+    from safetensors.torch import load_file
+
+    src = Path(path)
+    meta = json.loads((src / META_FILE).read_text())
+    config = transformers.AutoConfig.from_pretrained(src)
+    archs = getattr(config, "architectures", None) or []
+    if not archs or not hasattr(transformers, archs[0]):
+        raise ValueError(f"{src}/config.json names no known architecture ({archs!r})")
+    cls = getattr(transformers, archs[0])
+    if meta["loader"] == PLAIN:
+        return cls.from_pretrained(src).eval()
+    if meta["loader"] != FALLBACK:
+        raise ValueError(
+            f"{src}/{META_FILE}: loader must be {PLAIN!r} or {FALLBACK!r}, got {meta['loader']!r}"
+        )
+
+    from fedspine.pruning.structured import prune_model
+
+    kept = KeptIndexMap.from_dict(meta["kept_map"])
+    with torch.random.fork_rng(devices=[]):  # the throwaway random init must not move the global RNG
+        model = cls(config)
+    prune_model(model, KeptIndexMap.full(kept.shape), [(lk.heads, lk.channels) for lk in kept.layers])
+    state: dict[str, torch.Tensor] = {}
+    for f in sorted(src.glob("*.safetensors")):
+        state.update(load_file(str(f)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or ()) if config.tie_word_embeddings else set()
+    if unexpected or set(missing) - tied:
+        raise ValueError(
+            f"{src}: weights do not fit: missing {sorted(set(missing) - tied)}, unexpected {unexpected}"
+        )
+    if tied:
+        model.tie_weights()
+    return model.eval()
+
+
+def _drop_gguf_marker(model: nn.Module) -> None:
+    """GGUF checkpoints are dequantized to float at load, but transformers keeps a quantizer
+    marker that makes ``save_pretrained`` refuse; dropping it is safe for GGUF only."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None:
+        return
+    method = getattr(quantizer.quantization_config, "quant_method", None)
+    if getattr(method, "value", method) != "gguf":
+        raise ValueError(f"cannot export a {method!r}-quantized model; dequantize it first")
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
