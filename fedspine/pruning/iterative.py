@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,7 +24,14 @@ from fedspine.lora.coords import project
 from fedspine.pruning.arch import arch_shape, family_of, module_slices
 from fedspine.pruning.index_map import KeptIndexMap
 from fedspine.pruning.lora_grad import LoRAGradientImportance
-from fedspine.pruning.structured import UnitScores, plan_counts, prune_model, select_units
+from fedspine.pruning.structured import (
+    IMPORTANCE,
+    UnitScores,
+    plan_counts,
+    prune_model,
+    select_units,
+    unit_scores,
+)
 
 # Which side of each role's weight a unit owns: rows ("out") or columns ("in").
 _AXIS = {"q": "out", "k": "out", "v": "out", "o": "in", "mlp_in": "out", "mlp_out": "in"}
@@ -66,6 +74,10 @@ class PruneAndTune:
     optimizer clears the gradients. When it returns True the model was pruned: ``self.model`` is a
     new peft model (same adapter values on the kept units) and the caller must rebuild its
     optimizer from ``self.model``'s trainable parameters (optimizer moments are reset; ours).
+
+    ``importance`` is ``"lora_gradient"`` (FedSpine's, the default: EMA over the interval's
+    steps) or any criterion of ``fedspine.pruning.IMPORTANCE`` (``"magnitude"``, ``"taylor"``),
+    computed on the plain model at each prune; Taylor scores on ``calib``.
     """
 
     def __init__(
@@ -79,13 +91,22 @@ class PruneAndTune:
         alpha: float | None = None,
         targets: Sequence[str] | None = None,
         seed: int = 0,
+        importance: str = "lora_gradient",
+        calib: Any = None,
     ):
         if not isinstance(model, PeftModel):
             raise ValueError("model must be a peft model (fedspine.lora.attach)")
+        if importance != "lora_gradient" and importance not in IMPORTANCE:
+            raise ValueError(
+                f"importance must be one of {['lora_gradient', *sorted(IMPORTANCE)]}, got {importance!r}"
+            )
+        if importance == "taylor" and calib is None:
+            raise ValueError("importance 'taylor' needs calib (a batch) to score units at each prune")
         if total_steps < 0:
             raise ValueError(f"total_steps must be >= 0, got {total_steps}")
         self.model, self.kept_map, self.schedule = model, kept_map, schedule
         self.rank, self.alpha, self.targets, self.seed = rank, alpha, targets, seed
+        self.importance_name, self.calib = importance, calib
         self.family = family_of(self.hf_model)
         start = kept_map.sparsity(self.family.mlp_matrices)
         events = total_steps // schedule.prune_interval
@@ -115,7 +136,8 @@ class PruneAndTune:
 
     def after_backward(self) -> bool:
         """Accumulate importance for this step; prune if the step ends an interval."""
-        self.importance.accumulate(self._lora_modules())
+        if self.importance_name == "lora_gradient":
+            self.importance.accumulate(self._lora_modules())
         self.steps += 1
         if self.steps % self.schedule.prune_interval or self.prunes >= len(self._targets):
             return False
@@ -165,9 +187,14 @@ class PruneAndTune:
         current = arch_shape(self.hf_model)
         if (plan.keep_heads, plan.keep_channels) == (current.num_heads, current.intermediate_size):
             return False
-        positions = select_units(self.unit_scores(), plan.keep_heads, plan.keep_channels)
         was_training = self.model.training
+        lora_scores = self.unit_scores() if self.importance_name == "lora_gradient" else None
         base, tensors = detach(self.model)
+        # Other criteria score the plain model (they read base weights, and Taylor base gradients).
+        scores = (
+            lora_scores if lora_scores is not None else unit_scores(base, self.importance_name, self.calib)
+        )
+        positions = select_units(scores, plan.keep_heads, plan.keep_channels)
         relative = KeptIndexMap.full(current).compose(positions)  # positions as a map of the current model
         slices = module_slices(base, relative)
         self.kept_map = prune_model(base, self.kept_map, positions)

@@ -106,3 +106,26 @@ def test_local_training_prunes_every_interval_toward_the_target():
     assert np.isfinite(losses).all()
     shape = arch_shape(pt.hf_model)
     assert shape.num_kv_heads == 1 and shape.num_heads == 2  # one of two KV groups left
+
+
+@pytest.mark.parametrize("importance", ["magnitude", "taylor"])
+def test_other_criteria_are_selectable_by_name(importance, ids):
+    from tiny_models import tiny_bert
+
+    model = tiny_bert()
+    peft_model = attach(model, 4)
+    calib = {"input_ids": ids, "labels": torch.tensor([0, 1])}
+    pt = PruneAndTune(
+        peft_model,
+        KeptIndexMap.full(arch_shape(model)),
+        PruneSchedule(0.5, 1),
+        1,
+        rank=4,
+        importance=importance,
+        calib=calib,
+    )
+    pt.model(**calib).loss.backward()
+    assert pt.after_backward()
+    assert pt.achieved_ratio >= 0.4 and arch_shape(pt.hf_model).num_heads == 2
+    with pytest.raises(ValueError, match="importance must be one of"):
+        PruneAndTune(pt.model, pt.kept_map, PruneSchedule(0.5), 1, rank=4, importance="random")
