@@ -1,0 +1,158 @@
+"""The device side of one round: receive (ratio, rank, adapter), prune while tuning, report back.
+
+One function, used by every strategy and every engine (in-process simulator or Flower), so all
+methods get exactly the same local training: only what the server sends differs.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedspine.fl.messages import TrainIns, TrainRes
+from fedspine.lora.adapters import ALPHA_PER_RANK, attach, detach, extract, load
+from fedspine.lora.coords import LORA_A, LORA_B, split_key
+from fedspine.pruning.index_map import KeptIndexMap
+from fedspine.pruning.iterative import PruneAndTune, PruneSchedule
+
+Batch = dict[str, torch.Tensor]
+
+DEFAULT_CONFIG: dict[str, Any] = {
+    "local_steps": 20,
+    "lr": 5e-4,
+    "weight_decay": 0.0,
+    "prune_interval": 20,  # paper [S]: 20 local iterations between prunes worked best
+    "round_to": 8,
+    "importance": "lora_gradient",
+    "seed": 0,
+}
+
+
+@dataclass
+class LocalState:
+    """What persists on a device between rounds: its (pruned) plain base model and what it kept."""
+
+    model: nn.Module
+    kept_map: KeptIndexMap
+
+
+@dataclass(frozen=True)
+class LocalData:
+    """A device's private data: shuffled training batches from a generator, a fixed probe batch
+    (loss before/after the round, for the allocator's reward) and the number of examples."""
+
+    batches: Callable[[torch.Generator], Iterator[Batch]]
+    probe: Batch
+    num_samples: int
+
+
+def step_seed(seed: int, device_id: str, rnd: int) -> int:
+    """A device's randomness for one round depends only on (seed, device, round): results do not
+    change with execution order or evaluation frequency, and a resumed run needs no RNG snapshot."""
+    return zlib.crc32(f"{seed}:{device_id}:{rnd}".encode())
+
+
+def client_step(ins: TrainIns, state: LocalState, data: LocalData) -> tuple[TrainRes, LocalState]:
+    """Run one round on a device. ``state.model`` is modified in place (pruned) and returned."""
+    cfg = {**DEFAULT_CONFIG, **ins.config}
+    unknown = sorted(set(ins.config) - set(DEFAULT_CONFIG))
+    if unknown:
+        raise ValueError(f"unknown client config key(s) {unknown}; allowed: {sorted(DEFAULT_CONFIG)}")
+    seed = step_seed(int(cfg["seed"]), ins.device_id, ins.round)
+    gen = torch.Generator().manual_seed(seed)
+    start = time.perf_counter()
+    model = state.model
+    if ins.base_delta:
+        _add_to_base(model, ins.base_delta)
+    peft_model = attach(model, ins.rank, seed=seed)
+    load(peft_model, ins.adapter, strict=True)
+    loss_before = _probe_loss(peft_model, data.probe)
+
+    steps = int(cfg["local_steps"])
+    # At least one prune per round when the target asks for more than the device has (ours).
+    interval = max(1, min(int(cfg["prune_interval"]), steps))
+    tuner = PruneAndTune(
+        peft_model,
+        state.kept_map,
+        PruneSchedule(ins.ratio, interval, round_to=int(cfg["round_to"])),
+        steps,
+        rank=ins.rank,
+        seed=seed,
+        importance=str(cfg["importance"]),
+        calib=data.probe,
+    )
+    tuner.model.train()
+    opt = _optimizer(tuner.model, cfg)
+    batches = data.batches(gen)
+    for _ in range(steps):
+        loss = tuner.model(**next(batches)).loss
+        loss.backward()
+        if tuner.after_backward():
+            opt = _optimizer(tuner.model, cfg)  # new parameters after a prune
+        else:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+    loss_after = _probe_loss(tuner.model, data.probe)
+    adapter = extract(tuner.model)
+    base, _ = detach(tuner.model)
+    res = TrainRes(
+        round=ins.round,
+        device_id=ins.device_id,
+        rank=ins.rank,
+        adapter=adapter,
+        kept_map=tuner.kept_map.to_dict(),
+        num_samples=data.num_samples,
+        loss_before=loss_before,
+        loss_after=loss_after,
+        achieved_ratio=tuner.achieved_ratio,
+        update_norm=update_norm(adapter, scaling=float(ALPHA_PER_RANK)),
+        metrics={
+            "train_time_s": time.perf_counter() - start,
+            "steps": float(steps),
+            "prunes": float(tuner.prunes),
+        },
+    )
+    return res, LocalState(base, tuner.kept_map)
+
+
+def update_norm(adapter: dict[str, np.ndarray], scaling: float) -> float:
+    """Sum over adapted modules of ||s B A||_F: the size of the device's low-rank update."""
+    total = 0.0
+    for key in adapter:
+        path, kind = split_key(key)
+        if kind == LORA_A:
+            total += float(np.linalg.norm(scaling * adapter[f"{path}.{LORA_B}"] @ adapter[key]))
+    return total
+
+
+def _optimizer(model: nn.Module, cfg: dict[str, Any]) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=float(cfg["lr"]), weight_decay=float(cfg["weight_decay"]))
+
+
+@torch.no_grad()
+def _probe_loss(model: nn.Module, probe: Batch) -> float:
+    was_training = model.training
+    model.eval()
+    loss = float(model(**probe).loss)
+    model.train(was_training)
+    return loss
+
+
+@torch.no_grad()
+def _add_to_base(model: nn.Module, delta: dict[str, np.ndarray]) -> None:
+    for path, value in delta.items():
+        weight = model.get_submodule(path).weight
+        t = torch.as_tensor(value, dtype=weight.dtype)
+        if t.shape != weight.shape:
+            raise ValueError(
+                f"base_delta for {path!r} has shape {tuple(t.shape)}, the weight {tuple(weight.shape)}"
+            )
+        weight += t

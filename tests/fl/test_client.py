@@ -1,0 +1,96 @@
+import numpy as np
+import pytest
+import torch
+from transformers import BertConfig, BertForSequenceClassification
+
+from fedspine.fl.client import LocalData, LocalState, client_step
+from fedspine.fl.messages import TrainIns
+from fedspine.lora import attach, extract
+from fedspine.lora.coords import project
+from fedspine.pruning import KeptIndexMap, arch_shape, module_slices
+
+VOCAB = 64
+
+
+def tiny_bert(seed=0):
+    torch.manual_seed(seed)
+    cfg = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=32,
+        num_labels=2,
+    )
+    return BertForSequenceClassification(cfg)
+
+
+def local_data(seed=0, n=32):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (n, 12), generator=g)
+    labels = (ids[:, 0] % 2).long()  # learnable signal
+
+    def batches(gen):
+        while True:
+            idx = torch.randint(0, n, (8,), generator=gen)
+            yield {"input_ids": ids[idx], "labels": labels[idx]}
+
+    return LocalData(batches, {"input_ids": ids[:16], "labels": labels[:16]}, n)
+
+
+def global_adapter(rank=8):
+    """The server's initial adapter at r_max on the unpruned model (B = 0)."""
+    return extract(attach(tiny_bert(), rank, seed=123))
+
+
+def ins_for(state, rank, ratio, rnd=1, config=None):
+    slices = module_slices(state.model, state.kept_map)
+    return TrainIns(
+        rnd,
+        "dev-1",
+        ratio,
+        rank,
+        project(global_adapter(), slices, rank=rank),
+        config={"local_steps": 6, "prune_interval": 3, "lr": 1e-2, **(config or {})},
+    )
+
+
+def fresh_state():
+    model = tiny_bert()
+    return LocalState(model, KeptIndexMap.full(arch_shape(model)))
+
+
+def test_client_step_prunes_trains_and_reports_in_its_own_coordinates():
+    state = fresh_state()
+    res, state = client_step(ins_for(state, 4, 0.5), state, local_data())
+    kept = KeptIndexMap.from_dict(res.kept_map)
+    assert kept == state.kept_map and res.achieved_ratio >= 0.4
+    assert arch_shape(state.model).num_heads == len(kept.layers[0].heads) < 4
+    slices = module_slices(state.model, kept)
+    for key, value in res.adapter.items():
+        path, kind = key.rsplit(".", 1)
+        if kind == "lora_B" and slices[path].out_idx is not None:
+            assert value.shape == (len(slices[path].out_idx), 4)
+        if kind == "lora_A" and slices[path].in_idx is not None:
+            assert value.shape == (4, len(slices[path].in_idx))
+    assert np.isfinite([res.loss_before, res.loss_after]).all() and res.update_norm > 0
+    assert res.num_samples == 32 and res.metrics["prunes"] >= 1
+    # the next round starts from the pruned base, and asks for no more than it already has
+    res2, state2 = client_step(ins_for(state, 2, 0.5, rnd=2), state, local_data())
+    assert res2.achieved_ratio == pytest.approx(res.achieved_ratio) and res2.rank == 2
+
+
+def test_client_step_is_reproducible_for_the_same_seed_device_and_round():
+    a, _ = client_step(ins_for(fresh_state(), 4, 0.3), fresh_state(), local_data())
+    b, _ = client_step(ins_for(fresh_state(), 4, 0.3), fresh_state(), local_data())
+    assert a.kept_map == b.kept_map and a.loss_after == b.loss_after
+    for key in a.adapter:
+        np.testing.assert_array_equal(a.adapter[key], b.adapter[key])
+    c, _ = client_step(ins_for(fresh_state(), 4, 0.3, config={"seed": 1}), fresh_state(), local_data())
+    assert any(not np.array_equal(a.adapter[k], c.adapter[k]) for k in a.adapter)
+
+
+def test_unknown_client_config_is_rejected():
+    with pytest.raises(ValueError, match=r"unknown client config key\(s\) \['local_stpes'\]"):
+        client_step(ins_for(fresh_state(), 4, 0.3, config={"local_stpes": 3}), fresh_state(), local_data())
