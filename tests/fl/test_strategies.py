@@ -1,0 +1,53 @@
+import json
+
+import pytest
+
+from fedspine.bandit import Arm, ArmSpace
+from fedspine.fl.messages import Failure, TrainRes
+from fedspine.fl.strategies import STRATEGIES, StrategyContext, make_strategy
+
+SPACE = ArmSpace.grid([0.0, 0.2, 0.4, 0.6], [4, 8, 16])
+TIERS = {"a": "tx2", "b": "nx", "c": "agx"}
+
+
+def ctx(**params):
+    return StrategyContext(SPACE, TIERS, seed=3, params=params)
+
+
+def result(device, rnd, loss_after=1.0):
+    return TrainRes(rnd, device, 4, {}, {}, 10, 2.0, loss_after, 0.2, 1.0)
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_every_strategy_assigns_an_arm_per_device_and_round_trips_its_state(name):
+    s = make_strategy(name, ctx())
+    for rnd in (1, 2):
+        arms = s.configure(rnd, ["a", "b", "c"])
+        assert set(arms) == {"a", "b", "c"} and all(isinstance(a, Arm) for a in arms.values())
+        if not s.prunes:
+            assert all(a.ratio == 0.0 for a in arms.values())
+        s.observe(rnd, [result("a", rnd), result("b", rnd)], [Failure(rnd, "c", "oom")], {"a": 3.0, "b": 5.0})
+    clone = make_strategy(name, ctx())
+    clone.load_state_dict(json.loads(json.dumps(s.state_dict())))
+    assert clone.configure(3, ["a", "b", "c"]) == s.configure(3, ["a", "b", "c"])
+
+
+def test_fedspine_feeds_one_observation_per_device_and_round_to_its_allocator():
+    s = make_strategy("fedspine", ctx())
+    s.configure(1, ["a", "b", "c"])
+    s.observe(1, [result("a", 1), result("b", 1)], [Failure(1, "c", "timeout")], {"a": 3.0, "b": 5.0})
+    assert s.allocator.pending == {}
+    assert len(s.allocator.estimates("a")) == 1 and len(s.allocator.estimates("c")) == 1
+    assert list(s.allocator.estimates("c").values()) == [0.0]  # a failure is the worst reward
+
+
+def test_tier_baselines_follow_the_tier_tables_and_name_missing_tiers():
+    assert make_strategy("hetlora", ctx()).configure(1, ["a", "c"]) == {"a": Arm(0.0, 4), "c": Arm(0.0, 16)}
+    tp = make_strategy("tier-prune", ctx(tier_ratios={"tx2": 0.5, "nx": 0.3, "agx": 0.0}, rank=4))
+    assert tp.configure(1, ["a", "b"]) == {"a": Arm(0.5, 4), "b": Arm(0.3, 4)}
+    with pytest.raises(ValueError, match="no tier_ranks entry for tier 'nx'"):
+        make_strategy("hetlora", ctx(tier_ranks={"tx2": 4})).configure(1, ["b"])
+    with pytest.raises(ValueError, match=r"unknown parameter\(s\) \['rnak'\] for strategy 'fixed-prune'"):
+        make_strategy("fixed-prune", ctx(rnak=4))
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        make_strategy("fedprox", ctx())
