@@ -4,7 +4,8 @@
 model's, rank padding/truncation) is numpy only, so the server can import it without torch.
 The peft functions (``attach``, ``extract``, ``load``, ``merge``, ``detach``, ``adapter_shapes``)
 live in ``fedspine.lora.adapters`` and are loaded on first access, so ``import fedspine.lora``
-alone does not import torch.
+alone does not import torch. ``fedspine.lora.aggregate`` (mixed-rank, mixed-width aggregation rules
+picked by name with ``get_aggregator``) is numpy only too.
 """
 
 from __future__ import annotations
@@ -12,6 +13,14 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from fedspine.lora.aggregate import (
+    AGGREGATORS,
+    Aggregator,
+    DeviceUpdate,
+    Distribution,
+    flora_stack,
+    get_aggregator,
+)
 from fedspine.lora.coords import Lifted, SliceLike, lift, pad_rank, project, rank_of, truncate_rank
 
 _ADAPTERS = (
@@ -27,6 +36,12 @@ _ADAPTERS = (
 )
 
 __all__ = [
+    "AGGREGATORS",
+    "Aggregator",
+    "DeviceUpdate",
+    "Distribution",
+    "flora_stack",
+    "get_aggregator",
     "Lifted",
     "SliceLike",
     "lift",
