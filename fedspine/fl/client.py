@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 import zlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -19,6 +19,7 @@ from torch import nn
 from fedspine.fl.messages import TrainIns, TrainRes
 from fedspine.lora.adapters import ALPHA_PER_RANK, attach, detach, extract, load
 from fedspine.lora.coords import LORA_A, LORA_B, split_key
+from fedspine.pruning.arch import module_slices
 from fedspine.pruning.index_map import KeptIndexMap
 from fedspine.pruning.iterative import PruneAndTune, PruneSchedule
 
@@ -37,10 +38,13 @@ DEFAULT_CONFIG: dict[str, Any] = {
 
 @dataclass
 class LocalState:
-    """What persists on a device between rounds: its (pruned) plain base model and what it kept."""
+    """What persists on a device between rounds: its (pruned) plain base model, what it kept,
+    and (FLoRA-style rules only) the cumulative base delta already added to its weights, in its
+    current coordinates."""
 
     model: nn.Module
     kept_map: KeptIndexMap
+    applied_delta: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -60,17 +64,32 @@ def step_seed(seed: int, device_id: str, rnd: int) -> int:
 
 
 def client_step(ins: TrainIns, state: LocalState, data: LocalData) -> tuple[TrainRes, LocalState]:
-    """Run one round on a device. ``state.model`` is modified in place (pruned) and returned."""
+    """Run one round on a device. ``state.model`` is modified in place (pruned) and returned.
+
+    Dropout draws from torch's global RNG; we run the round in a forked RNG seeded per (seed,
+    device, round), so the caller's RNG is untouched and the round is reproducible.
+    """
     cfg = {**DEFAULT_CONFIG, **ins.config}
     unknown = sorted(set(ins.config) - set(DEFAULT_CONFIG))
     if unknown:
         raise ValueError(f"unknown client config key(s) {unknown}; allowed: {sorted(DEFAULT_CONFIG)}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(step_seed(int(cfg["seed"]), ins.device_id, ins.round))
+        return _client_step(ins, state, data, cfg)
+
+
+def _client_step(
+    ins: TrainIns, state: LocalState, data: LocalData, cfg: dict[str, Any]
+) -> tuple[TrainRes, LocalState]:
     seed = step_seed(int(cfg["seed"]), ins.device_id, ins.round)
     gen = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
     model = state.model
+    applied = dict(state.applied_delta)
     if ins.base_delta:
-        _add_to_base(model, ins.base_delta)
+        # base_delta is cumulative (relative to the pretrained weights); add only what is new.
+        _add_to_base(model, {p: d - applied.get(p, 0.0) for p, d in ins.base_delta.items()})
+        applied.update({p: np.array(d, dtype=np.float32) for p, d in ins.base_delta.items()})
     peft_model = attach(model, ins.rank, seed=seed)
     load(peft_model, ins.adapter, strict=True)
     loss_before = _probe_loss(peft_model, data.probe)
@@ -119,7 +138,9 @@ def client_step(ins: TrainIns, state: LocalState, data: LocalData) -> tuple[Trai
             "prunes": float(tuner.prunes),
         },
     )
-    return res, LocalState(base, tuner.kept_map)
+    if applied:
+        applied = _reslice(applied, module_slices(base, state.kept_map), module_slices(base, tuner.kept_map))
+    return res, LocalState(base, tuner.kept_map, applied)
 
 
 def update_norm(adapter: dict[str, np.ndarray], scaling: float) -> float:
@@ -144,6 +165,17 @@ def _probe_loss(model: nn.Module, probe: Batch) -> float:
     loss = float(model(**probe).loss)
     model.train(was_training)
     return loss
+
+
+def _reslice(arrays: dict[str, np.ndarray], old: dict, new: dict) -> dict[str, np.ndarray]:
+    """Cut arrays held in the old kept coordinates down to the new (smaller) ones."""
+    out = {}
+    for path, arr in arrays.items():
+        o, n = old[path], new[path]
+        rows = slice(None) if o.out_idx is None else np.searchsorted(o.out_idx, n.out_idx)
+        cols = slice(None) if o.in_idx is None else np.searchsorted(o.in_idx, n.in_idx)
+        out[path] = arr[rows][:, cols]
+    return out
 
 
 @torch.no_grad()

@@ -1,0 +1,107 @@
+"""The server side of a round, as functions of plain messages (numpy only).
+
+``Server.configure`` turns the strategy's arms into one ``TrainIns`` per device (the global
+adapter projected onto what that device kept, at its rank); ``Server.finish`` takes the
+``TrainRes``/``Failure`` messages back, feeds the strategy, and aggregates with the strategy's
+rule. It holds no device objects, only the last kept-index map each device reported, so the
+same class serves the in-process simulator and a Flower ServerApp.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from fedspine.fl.messages import Failure, TrainIns, TrainRes
+from fedspine.fl.strategies import Strategy
+from fedspine.lora.aggregate import DeviceUpdate, get_aggregator
+from fedspine.pruning.index_map import ArchShape, KeptIndexMap, ModuleSlice
+
+ModuleRoles = Mapping[str, tuple[int, str]]  # module path -> (layer, role)
+
+
+class Server:
+    def __init__(
+        self,
+        strategy: Strategy,
+        *,
+        shape: ArchShape,
+        module_roles: ModuleRoles,
+        global_shapes: Mapping[str, tuple[int, int]],
+        heads: Mapping[str, np.ndarray],
+        r_max: int,
+        client_config: Mapping[str, Any],
+        seed: int = 0,
+    ):
+        self.strategy = strategy
+        self.rule = get_aggregator(strategy.aggregation)
+        self.shape, self.module_roles = shape, dict(module_roles)
+        self.global_shapes, self.r_max = dict(global_shapes), int(r_max)
+        self.client_config = dict(client_config)
+        self.state = self.rule.init_state(self.global_shapes, self.r_max, rng=seed, heads=dict(heads))
+        self.kept: dict[str, KeptIndexMap] = {}
+
+    def kept_map(self, device: str) -> KeptIndexMap:
+        return self.kept.get(device) or KeptIndexMap.full(self.shape)
+
+    def slices(self, device: str) -> dict[str, ModuleSlice]:
+        """What ``device`` kept, per adapted module, in original coordinates."""
+        return _slices(self.kept_map(device), self.module_roles)
+
+    def configure(self, rnd: int, devices: Sequence[str]) -> dict[str, TrainIns]:
+        arms = self.strategy.configure(rnd, devices)
+        out = {}
+        for d in devices:
+            arm = arms[d]
+            rank = min(arm.rank, self.r_max)
+            dist = self.rule.distribute(self.state, self.slices(d), rank)
+            out[d] = TrainIns(
+                rnd, d, arm.ratio, rank, dist.adapter, dist.base_delta, dict(self.client_config)
+            )
+        return out
+
+    def finish(
+        self,
+        rnd: int,
+        results: Sequence[TrainRes],
+        failures: Sequence[Failure],
+        round_time_s: Mapping[str, float],
+    ) -> None:
+        """Feed the strategy, record what each device kept, aggregate the completed updates.
+
+        A failed device contributes nothing, so a slow or crashed client never corrupts the
+        global state; its kept map stays what it last reported.
+        """
+        self.strategy.observe(rnd, results, failures, round_time_s)
+        for r in results:
+            self.kept[r.device_id] = KeptIndexMap.from_dict(r.kept_map)
+        updates = [DeviceUpdate(r.adapter, self.slices(r.device_id), r.rank, r.num_samples) for r in results]
+        if updates:
+            self.state = self.rule.aggregate(
+                self.state, updates, global_shapes=self.global_shapes, r_max=self.r_max
+            )
+
+    def full_model_adapter(self, rank: int | None = None):
+        """The global adapter for the unpruned model (for evaluating "the global model")."""
+        return self.rule.distribute(
+            self.state, _slices(KeptIndexMap.full(self.shape), self.module_roles), rank or self.r_max
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "global": {k: v.copy() for k, v in self.state.items()},
+            "kept": {d: m.to_dict() for d, m in self.kept.items()},
+            "strategy": self.strategy.state_dict(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.state = {k: np.asarray(v) for k, v in state["global"].items()}
+        self.kept = {d: KeptIndexMap.from_dict(m) for d, m in state["kept"].items()}
+        self.strategy.load_state_dict(state["strategy"])
+
+
+def _slices(kept: KeptIndexMap, module_roles: ModuleRoles) -> dict[str, ModuleSlice]:
+    per_layer = [kept.role_slices(i) for i in range(len(kept.layers))]
+    return {path: per_layer[layer][role] for path, (layer, role) in module_roles.items()}

@@ -1,0 +1,295 @@
+"""The in-process simulator: many heterogeneous devices on one machine with a modelled clock.
+
+The round loop lives here and only here; strategies, the client step and the server are the
+same objects a Flower deployment uses. Time is simulated: each device's round time comes from
+its profile and the work of the model it actually trained (``fedspine.fl.time_model``), so
+pruning and rank choices change the clock exactly as they change the work.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedspine.bandit import ArmSpace
+from fedspine.config import RunConfig
+from fedspine.data.partition import partition, partition_stats
+from fedspine.data.tokenize import batches
+from fedspine.fl.client import LocalData, LocalState, client_step
+from fedspine.fl.devices import DeviceProfile, paper_fleet, tiers
+from fedspine.fl.messages import Failure, TrainRes
+from fedspine.fl.server import Server
+from fedspine.fl.strategies import StrategyContext, make_strategy
+from fedspine.fl.time_model import fits, round_time, round_work_for_map, round_work_for_ratio
+from fedspine.lora import adapter_shapes, attach, extract, load
+from fedspine.lora.coords import split_key
+from fedspine.models import TaskData, accuracy, build_data, build_model
+from fedspine.pruning.arch import arch_shape, family_of
+from fedspine.pruning.index_map import ROLES, KeptIndexMap
+
+PROBE_SIZE = 32  # examples in a device's fixed probe batch (loss before/after, for the reward)
+
+
+@dataclass
+class RunResult:
+    records: list[dict[str, Any]] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+class Simulation:
+    """Builds everything from a validated ``RunConfig`` and runs rounds."""
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        streams = np.random.SeedSequence(cfg.seed).spawn(4)  # partition, sampling, jitter, strategy
+        self.rng_sampling = np.random.default_rng(streams[1])
+        self.rng_jitter = np.random.default_rng(streams[2])
+        model0, tokenizer = build_model(cfg.model.name, 2, seed=cfg.seed)
+        self.data: TaskData = build_data(
+            cfg.data.source,
+            tokenizer,
+            max_length=cfg.model.max_length,
+            test_fraction=cfg.data.test_fraction,
+            max_examples=cfg.data.max_examples,
+            seed=cfg.seed,
+        )
+        if self.data.num_labels != 2:
+            model0, _ = build_model(cfg.model.name, self.data.num_labels, seed=cfg.seed)
+        if cfg.data.max_test:
+            self.data.test = {k: v[: cfg.data.max_test] for k, v in self.data.test.items()}
+        self.model0 = model0
+        self.family = family_of(model0)
+        self.shape = arch_shape(model0)
+        self.device_ids = [f"d{i:03d}" for i in range(cfg.fleet.devices)]
+        profiles = paper_fleet(cfg.fleet.devices, seed=cfg.seed, spread=cfg.fleet.spread)
+        self.profiles: dict[str, DeviceProfile] = dict(zip(self.device_ids, profiles, strict=True))
+        self.tiers = tiers(profiles, self.device_ids)
+        labels = self.data.train["labels"].numpy()
+        parts = partition(
+            labels,
+            cfg.fleet.devices,
+            scheme=cfg.data.partition,
+            alpha=cfg.data.alpha,
+            seed=np.random.default_rng(streams[0]),
+            min_size=cfg.data.min_size,
+        )
+        self.parts = dict(zip(self.device_ids, parts, strict=True))
+        self.partition_stats = partition_stats(labels, parts)
+        space = ArmSpace.grid(list(cfg.arms.ratios), list(cfg.arms.ranks))
+        strategy = make_strategy(
+            cfg.strategy.name, StrategyContext(space, self.tiers, cfg.seed, cfg.strategy.params)
+        )
+        r_max = max(cfg.arms.ranks)
+        reference = attach(copy.deepcopy(model0), r_max, seed=cfg.seed)
+        heads = {k: v for k, v in extract(reference).items() if split_key(k)[1] is None}
+        module_roles = {
+            path: (i, role)
+            for i in range(self.shape.num_layers)
+            for role, paths in self.family.module_paths(model0, i).items()
+            for path in paths
+        }
+        global_shapes = adapter_shapes(reference)
+        module_roles = {p: lr for p, lr in module_roles.items() if p in global_shapes}
+        t = cfg.train
+        self.server = Server(
+            strategy,
+            shape=self.shape,
+            module_roles=module_roles,
+            global_shapes=global_shapes,
+            heads=heads,
+            r_max=r_max,
+            seed=cfg.seed,
+            client_config={
+                "local_steps": t.local_steps,
+                "lr": t.lr,
+                "prune_interval": t.prune_interval,
+                "round_to": t.round_to,
+                "importance": t.importance,
+                "seed": cfg.seed,
+            },
+        )
+        self.local: dict[str, LocalState] = {}
+        self.clock_s = 0.0
+        self.round = 0
+        self.lm_head = False  # sequence classification: no vocabulary-sized output layer
+
+    # --- per-device data ---------------------------------------------------------------------
+    def local_data(self, device: str) -> LocalData:
+        idx = self.parts[device]
+        train, bs = self.data.train, self.cfg.train.batch_size
+
+        def stream(gen: torch.Generator) -> Iterator[dict[str, torch.Tensor]]:
+            while True:
+                yield from batches(train, idx, bs, gen)
+
+        probe_idx = torch.as_tensor(idx[:PROBE_SIZE])
+        return LocalData(stream, {k: v[probe_idx] for k, v in train.items()}, len(idx))
+
+    def local_state(self, device: str) -> LocalState:
+        if device not in self.local:  # devices get their copy of the base model when first needed
+            self.local[device] = LocalState(copy.deepcopy(self.model0), KeptIndexMap.full(self.shape))
+        return self.local[device]
+
+    # --- one round -----------------------------------------------------------------------------
+    def participants(self) -> list[str]:
+        k = max(1, round(self.cfg.fleet.participation * len(self.device_ids)))
+        if k == len(self.device_ids):
+            return list(self.device_ids)
+        return sorted(self.rng_sampling.choice(self.device_ids, size=k, replace=False).tolist())
+
+    def work(self, kept: KeptIndexMap | None, ratio: float, rank: int):
+        t, m = self.cfg.train, self.cfg.model
+        kw = dict(
+            lora_rank=rank,
+            steps=t.local_steps,
+            batch=t.batch_size,
+            seq_len=m.max_length,
+            vocab_size=int(self.model0.config.vocab_size),
+            mlp_matrices=self.family.mlp_matrices,
+            lm_head=self.lm_head,
+        )
+        if kept is not None:
+            return round_work_for_map(kept, **kw)
+        return round_work_for_ratio(self.shape, ratio, round_to=t.round_to, **kw)
+
+    def run_round(self) -> dict[str, Any]:
+        self.round += 1
+        rnd = self.round
+        wall = time.perf_counter()
+        devices = self.participants()
+        ins = self.server.configure(rnd, devices)
+        results: list[TrainRes] = []
+        failures: list[Failure] = []
+        times: dict[str, float] = {}
+        bytes_up = bytes_down = energy = 0.0
+        for d in devices:
+            planned = self.work(
+                None,
+                max(ins[d].ratio, self.local_state(d).kept_map.sparsity(self.family.mlp_matrices)),
+                ins[d].rank,
+            )
+            if not fits(self.profiles[d], planned):
+                failures.append(Failure(rnd, d, "out of memory"))
+                continue
+            res, self.local[d] = client_step(ins[d], self.local_state(d), self.local_data(d))
+            work = self.work(KeptIndexMap.from_dict(res.kept_map), 0.0, res.rank)
+            timing = round_time(self.profiles[d], work, self.rng_jitter)
+            results.append(res)
+            times[d] = timing.total_s
+            bytes_up += work.up_bytes
+            bytes_down += work.down_bytes
+            energy += timing.energy_j
+        self.server.finish(rnd, results, failures, times)
+        makespan = max(times.values(), default=0.0)
+        self.clock_s += makespan
+        record: dict[str, Any] = {
+            "round": rnd,
+            "clock_s": self.clock_s,
+            "makespan_s": makespan,
+            "wall_s": 0.0,
+            "arms": {d: [i.ratio, i.rank] for d, i in ins.items()},
+            "tiers": {d: self.tiers[d] for d in devices},
+            "round_time_s": times,
+            "waiting_s": {d: makespan - t for d, t in times.items()},
+            "mean_waiting_s": float(np.mean([makespan - t for t in times.values()])) if times else 0.0,
+            "failures": {f.device_id: f.reason for f in failures},
+            "bytes_up": bytes_up,
+            "bytes_down": bytes_down,
+            "energy_j": energy,
+            "loss_before": float(np.mean([r.loss_before for r in results])) if results else None,
+            "loss_after": float(np.mean([r.loss_after for r in results])) if results else None,
+            "mean_sparsity": float(np.mean([r.achieved_ratio for r in results])) if results else None,
+        }
+        if rnd % self.cfg.eval.every == 0 or rnd == self.cfg.train.rounds:
+            record["accuracy"] = self.evaluate_global()
+            if self.cfg.eval.devices:
+                accs = [self.evaluate_device(d) for d in sorted(self.local)]
+                record["device_accuracy_mean"] = float(np.mean(accs))
+                record["device_accuracy_min"] = float(np.min(accs))
+        record["wall_s"] = time.perf_counter() - wall
+        return record
+
+    # --- evaluation ----------------------------------------------------------------------------
+    def _with_adapter(self, model: nn.Module, rank: int, dist) -> nn.Module:
+        if dist.base_delta:
+            with torch.no_grad():
+                for path, delta in dist.base_delta.items():
+                    model.get_submodule(path).weight += torch.as_tensor(delta, dtype=torch.float32)
+        peft_model = attach(model, rank, seed=0)
+        load(peft_model, dist.adapter, strict=True)
+        return peft_model
+
+    def evaluate_global(self) -> float:
+        """The unpruned model with the global adapter (at r_max)."""
+        model = self._with_adapter(
+            copy.deepcopy(self.model0), self.server.r_max, self.server.full_model_adapter()
+        )
+        return accuracy(model, self.data.test)
+
+    def evaluate_device(self, device: str) -> float:
+        """A device's own pruned model with the global adapter projected onto what it kept."""
+        state = self.local[device]
+        rank = self.server.r_max
+        dist = self.server.rule.distribute(self.server.state, self.server.slices(device), rank)
+        model = self._with_adapter(copy.deepcopy(state.model), rank, dist)
+        return accuracy(model, self.data.test)
+
+
+def run(cfg: RunConfig, logger: Any = None) -> RunResult:
+    """Run all rounds of ``cfg`` and return per-round records and a summary."""
+    sim = Simulation(cfg)
+    out = RunResult()
+    progress = _progress(cfg.train.rounds, enabled=cfg.log.progress)
+    for _ in range(cfg.train.rounds):
+        record = sim.run_round()
+        out.records.append(record)
+        if logger is not None:
+            logger.log_round(record)
+        progress.update(1)
+        progress.set_postfix(acc=record.get("accuracy"), clock=f"{sim.clock_s:.0f}s")
+    progress.close()
+    out.summary = summarize(out.records, cfg)
+    if logger is not None:
+        logger.finish(out.summary)
+    return out
+
+
+def summarize(records: list[dict[str, Any]], cfg: RunConfig) -> dict[str, Any]:
+    accs = [(r["clock_s"], r["accuracy"]) for r in records if r.get("accuracy") is not None]
+    target = cfg.eval.target_accuracy
+    tta = next((c for c, a in accs if target is not None and a >= target), None)
+    return {
+        "strategy": cfg.strategy.name,
+        "rounds": len(records),
+        "final_accuracy": accs[-1][1] if accs else None,
+        "best_accuracy": max((a for _, a in accs), default=None),
+        "clock_s": records[-1]["clock_s"] if records else 0.0,
+        "time_to_target_s": tta,
+        "mean_waiting_s": float(np.mean([r["mean_waiting_s"] for r in records])) if records else 0.0,
+        "bytes_total": float(sum(r["bytes_up"] + r["bytes_down"] for r in records)),
+        "final_mean_sparsity": records[-1]["mean_sparsity"] if records else None,
+    }
+
+
+class _NoBar:
+    def update(self, n: int) -> None: ...
+    def set_postfix(self, **kw: Any) -> None: ...
+    def close(self) -> None: ...
+
+
+def _progress(total: int, *, enabled: bool) -> Any:
+    if not enabled:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="rounds", unit="round")
+
+
+__all__ = ["ROLES", "RunResult", "Simulation", "run", "summarize"]
