@@ -1,0 +1,33 @@
+import json
+
+from fedspine.cli import main
+from fedspine.logging import read_metrics
+
+
+def test_run_smoke_config_writes_metrics(tmp_path, capsys):
+    rc = main(
+        [
+            "run",
+            "--config",
+            "experiments/configs/smoke.yaml",
+            f"log.dir={tmp_path}",
+            "log.progress=false",
+            "train.rounds=2",
+            "fleet.devices=4",
+        ]
+    )
+    assert rc == 0
+    records = read_metrics(tmp_path / "fedspine-seed0")
+    assert [r["round"] for r in records] == [1, 2]
+    summary = json.loads((tmp_path / "fedspine-seed0" / "summary.json").read_text())
+    assert summary["rounds"] == 2 and 0 <= summary["final_accuracy"] <= 1
+
+
+def test_run_rejects_a_bad_config_before_any_work(capsys):
+    assert main(["run", "fleet.devices=0"]) == 2
+    assert "fleet.devices must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_demo_runs(capsys):
+    assert main(["demo", "--devices", "20", "--rounds", "12", "--every", "6"]) == 0
+    assert "oracle that knows every speed" in capsys.readouterr().out
