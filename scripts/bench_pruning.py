@@ -35,6 +35,8 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+LAST_TOKEN_ENV = "FEDSPINE_BENCH_LAST_TOKEN_LOGITS"  # passed to the measuring subprocesses
+
 # name -> (asset, default sequence length, default timed repeats)
 MODELS: dict[str, tuple[str, int, int]] = {
     "minilm": ("all-minilm-l6-v2", 128, 20),
@@ -116,6 +118,8 @@ def child(path: str, batch: int, seq_len: int, repeats: int) -> dict[str, Any]:
     inputs: dict[str, Any] = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     if model.config.model_type == "llama":
         inputs["use_cache"] = False  # one plain forward over the sequence; no KV cache to build
+        if os.environ.get(LAST_TOKEN_ENV) == "1":
+            inputs["logits_to_keep"] = 1  # generation's prefill: logits for the last position only
     rss_before = _status_kib("VmRSS")
     reset = _reset_peak()
     times = []
@@ -341,9 +345,17 @@ def main() -> None:
     ap.add_argument(
         "--max-wait-quiet", type=float, default=120.0, help="seconds to wait for idle CPUs before each run"
     )
+    ap.add_argument(
+        "--last-token-logits",
+        action="store_true",
+        help="causal LMs: compute logits for the last position only (what generate() does in prefill) "
+        "instead of every position",
+    )
     ap.add_argument("--out", type=Path, default=None, help="also write the table (markdown) here")
     ap.add_argument("--keep-exports", type=Path, default=None, help="export into this folder and keep it")
     args = ap.parse_args()
+    if args.last_token_logits:
+        os.environ[LAST_TOKEN_ENV] = "1"
     if 0.0 not in args.ratios:
         args.ratios = [0.0, *args.ratios]  # the speedup reference
     args.ratios = sorted(set(args.ratios))
