@@ -88,7 +88,12 @@ def _run(args: argparse.Namespace) -> int:
     from fedspine.config import load_config
 
     try:
-        cfg = load_config(args.config, args.overrides)
+        if args.resume:  # the run's own config; overrides may not change it
+            if args.config or args.overrides:
+                raise ValueError("--resume takes the run's saved config; drop --config and overrides")
+            cfg = load_config(Path(args.resume) / "config.json")
+        else:
+            cfg = load_config(args.config, args.overrides)
     except ValueError as exc:  # a wrong config: say which field and what is allowed, before any work
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -96,11 +101,16 @@ def _run(args: argparse.Namespace) -> int:
     from fedspine.logging import RunLogger
 
     name = cfg.log.name or f"{cfg.strategy.name}-seed{cfg.seed}"
-    run_dir = Path(cfg.log.dir) / name
+    run_dir = Path(args.resume) if args.resume else Path(cfg.log.dir) / name
     logger = RunLogger(
-        run_dir, config=cfg.to_dict(), wandb_mode=cfg.log.wandb, project=cfg.log.wandb_project, name=name
+        run_dir,
+        config=cfg.to_dict(),
+        wandb_mode=cfg.log.wandb,
+        project=cfg.log.wandb_project,
+        name=name,
+        resume=bool(args.resume),
     )
-    result = run(cfg, logger)
+    result = run(cfg, logger, checkpoint_dir=run_dir / "checkpoint", resume=bool(args.resume))
     print(json.dumps(result.summary, indent=2, default=float))
     print(f"per-round metrics: {run_dir / 'metrics.jsonl'}")
     return 0
@@ -130,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "overrides", nargs="*", help="section.field=value, e.g. strategy.name=hetlora train.rounds=5"
+    )
+    run.add_argument(
+        "--resume", default=None, metavar="RUN_DIR", help="continue a run from its last checkpoint"
     )
     run.set_defaults(func=_run)
     return ap

@@ -54,6 +54,11 @@ class RunLogger:
             scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and v is not None}
             self._wandb.log(scalars, step=record["round"])
 
+    def replace(self, records: list[dict[str, Any]]) -> None:
+        """On resume: the log holds exactly the checkpointed rounds (later lines were never
+        checkpointed and will be recomputed)."""
+        self.path.write_text("".join(json.dumps(r, default=float) + "\n" for r in records))
+
     def finish(self, summary: dict[str, Any]) -> None:
         (self.dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
         if self._wandb is not None:

@@ -31,3 +31,21 @@ def test_run_rejects_a_bad_config_before_any_work(capsys):
 def test_demo_runs(capsys):
     assert main(["demo", "--devices", "20", "--rounds", "12", "--every", "6"]) == 0
     assert "oracle that knows every speed" in capsys.readouterr().out
+
+
+def test_resume_continues_a_run_from_its_checkpoint(tmp_path):
+    args = [
+        "run",
+        "--config",
+        "experiments/configs/smoke.yaml",
+        f"log.dir={tmp_path}",
+        "log.progress=false",
+        "train.rounds=2",
+        "fleet.devices=4",
+    ]
+    assert main(args) == 0
+    run_dir = tmp_path / "fedspine-seed0"
+    assert (run_dir / "checkpoint" / "state.json").exists()
+    assert main(["run", "--resume", str(run_dir)]) == 0  # already finished: nothing left to run
+    assert [r["round"] for r in read_metrics(run_dir)] == [1, 2]
+    assert main(["run", "--resume", str(run_dir), "train.rounds=3"]) == 2

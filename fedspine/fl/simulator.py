@@ -9,9 +9,11 @@ pruning and rank choices change the clock exactly as they change the work.
 from __future__ import annotations
 
 import copy
+import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,6 +24,7 @@ from fedspine.bandit import ArmSpace
 from fedspine.config import RunConfig
 from fedspine.data.partition import partition, partition_stats
 from fedspine.data.tokenize import batches
+from fedspine.fl import checkpoint
 from fedspine.fl.client import LocalData, LocalState, client_step
 from fedspine.fl.devices import DeviceProfile, paper_fleet, tiers
 from fedspine.fl.messages import Failure, TrainRes
@@ -33,6 +36,7 @@ from fedspine.lora.coords import split_key
 from fedspine.models import TaskData, accuracy, build_data, build_model
 from fedspine.pruning.arch import arch_shape, family_of
 from fedspine.pruning.index_map import ROLES, KeptIndexMap
+from fedspine.pruning.structured import prune_model
 
 PROBE_SIZE = 32  # examples in a device's fixed probe batch (loss before/after, for the reward)
 
@@ -216,6 +220,51 @@ class Simulation:
         record["wall_s"] = time.perf_counter() - wall
         return record
 
+    # --- checkpoints ---------------------------------------------------------------------------
+    def checkpoint_state(self, records: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        server = self.server.state_dict()
+        arrays = {f"global/{k}": v for k, v in server.pop("global").items()}
+        for d, st in self.local.items():
+            arrays.update({f"applied/{d}/{p}": v for p, v in st.applied_delta.items()})
+        state = {
+            "round": self.round,
+            "clock_s": self.clock_s,
+            "rng_sampling": self.rng_sampling.bit_generator.state,
+            "rng_jitter": self.rng_jitter.bit_generator.state,
+            "server": server,
+            "devices": {d: st.kept_map.to_dict() for d, st in self.local.items()},
+            "records": records,
+            "config": self.cfg.to_dict(),
+        }
+        return state, arrays
+
+    def restore(self, state: dict[str, Any], arrays: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+        """Bring a freshly built simulation (same config) to the checkpointed round."""
+        if state["config"] != json.loads(json.dumps(self.cfg.to_dict())):
+            raise ValueError("the checkpoint was written with a different configuration; refusing to resume")
+        server = dict(state["server"])
+        server["global"] = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("global/")}
+        self.server.load_state_dict(server)
+        self.round, self.clock_s = int(state["round"]), float(state["clock_s"])
+        self.rng_sampling.bit_generator.state = state["rng_sampling"]
+        self.rng_jitter.bit_generator.state = state["rng_jitter"]
+        self.local = {}
+        for d, kept_dict in state["devices"].items():
+            kept = KeptIndexMap.from_dict(kept_dict)
+            model = copy.deepcopy(self.model0)
+            if kept != KeptIndexMap.full(self.shape):  # the original model pruned to what the device kept
+                prune_model(
+                    model, KeptIndexMap.full(self.shape), [(lk.heads, lk.channels) for lk in kept.layers]
+                )
+            prefix = f"applied/{d}/"
+            applied = {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
+            if applied:
+                with torch.no_grad():
+                    for path, delta in applied.items():
+                        model.get_submodule(path).weight += torch.as_tensor(delta, dtype=torch.float32)
+            self.local[d] = LocalState(model, kept, applied)
+        return list(state["records"])
+
     # --- evaluation ----------------------------------------------------------------------------
     def _with_adapter(self, model: nn.Module, rank: int, dist) -> nn.Module:
         if dist.base_delta:
@@ -242,16 +291,39 @@ class Simulation:
         return accuracy(model, self.data.test)
 
 
-def run(cfg: RunConfig, logger: Any = None) -> RunResult:
-    """Run all rounds of ``cfg`` and return per-round records and a summary."""
+def run(
+    cfg: RunConfig,
+    logger: Any = None,
+    *,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+    stop_after: int | None = None,
+) -> RunResult:
+    """Run the rounds of ``cfg`` and return per-round records and a summary.
+
+    With ``checkpoint_dir`` a checkpoint is written atomically every ``cfg.checkpoint_every``
+    rounds; ``resume=True`` continues from it and ends with exactly the records an
+    uninterrupted run would have. ``stop_after`` ends early after that round (to test resume).
+    """
     sim = Simulation(cfg)
     out = RunResult()
+    if resume:
+        if checkpoint_dir is None:
+            raise ValueError("resume needs checkpoint_dir")
+        out.records = sim.restore(*checkpoint.load(checkpoint_dir))
+        if logger is not None:
+            logger.replace(out.records)
     progress = _progress(cfg.train.rounds, enabled=cfg.log.progress)
-    for _ in range(cfg.train.rounds):
+    progress.update(sim.round)
+    while sim.round < cfg.train.rounds and (stop_after is None or sim.round < stop_after):
         record = sim.run_round()
         out.records.append(record)
         if logger is not None:
             logger.log_round(record)
+        if checkpoint_dir is not None and (
+            sim.round % cfg.checkpoint_every == 0 or sim.round == cfg.train.rounds
+        ):
+            checkpoint.save(checkpoint_dir, *sim.checkpoint_state(out.records))
         progress.update(1)
         progress.set_postfix(acc=record.get("accuracy"), clock=f"{sim.clock_s:.0f}s")
     progress.close()

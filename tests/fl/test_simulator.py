@@ -54,3 +54,27 @@ def test_bad_config_names_the_field_before_any_work():
         load_config(None, ["train.lr_rate=0.1"])
     with pytest.raises(ValueError, match="train.rounds must be int"):
         load_config(None, ["train.rounds=three"])
+
+
+@pytest.mark.parametrize("name", ["fedspine", "flora", "random-arm"])
+def test_killed_and_resumed_run_ends_with_exactly_the_same_metrics(name, tmp_path):
+    cfg = load_config(None, [*BASE, f"strategy.name={name}", "train.rounds=4", "eval.devices=false"])
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "wall_s"} for r in rs]  # noqa: E731
+    uninterrupted = run(cfg).records
+    ckpt = tmp_path / "ckpt"
+    logger = RunLogger(tmp_path / "run", config=cfg.to_dict())
+    first = run(cfg, logger, checkpoint_dir=ckpt, stop_after=2)  # "killed" after round 2
+    assert len(first.records) == 2
+    resumed = run(
+        cfg, RunLogger(tmp_path / "run", config=cfg.to_dict(), resume=True), checkpoint_dir=ckpt, resume=True
+    )
+    assert strip(resumed.records) == strip(uninterrupted)
+    assert [r["round"] for r in read_metrics(tmp_path / "run")] == [1, 2, 3, 4]
+
+
+def test_resume_refuses_a_different_config(tmp_path):
+    cfg = load_config(None, [*BASE, "train.rounds=2", "eval.devices=false"])
+    run(cfg, checkpoint_dir=tmp_path / "c", stop_after=1)
+    other = load_config(None, [*BASE, "train.rounds=2", "eval.devices=false", "train.lr=0.1"])
+    with pytest.raises(ValueError, match="different configuration"):
+        run(other, checkpoint_dir=tmp_path / "c", resume=True)
