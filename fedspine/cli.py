@@ -110,7 +110,7 @@ def _run(args: argparse.Namespace) -> int:
         name=name,
         resume=bool(args.resume),
     )
-    result = run(cfg, logger, checkpoint_dir=run_dir / "checkpoint", resume=bool(args.resume))
+    result = run(cfg, logger, checkpoint_dir=run_dir / "checkpoint", resume=bool(args.resume), verbose=True)
     print(json.dumps(result.summary, indent=2, default=float))
     print(f"per-round metrics: {run_dir / 'metrics.jsonl'}")
     return 0

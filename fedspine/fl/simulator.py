@@ -298,6 +298,7 @@ def run(
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
     stop_after: int | None = None,
+    verbose: bool = False,
 ) -> RunResult:
     """Run the rounds of ``cfg`` and return per-round records and a summary.
 
@@ -307,6 +308,10 @@ def run(
     """
     sim = Simulation(cfg)
     out = RunResult()
+    if verbose:
+        from fedspine.data.partition import format_stats
+
+        print(format_stats(sim.partition_stats, label_names=sim.data.label_names, max_devices=10))
     if resume:
         if checkpoint_dir is None:
             raise ValueError("resume needs checkpoint_dir")
@@ -328,6 +333,15 @@ def run(
         progress.set_postfix(acc=record.get("accuracy"), clock=f"{sim.clock_s:.0f}s")
     progress.close()
     out.summary = summarize(out.records, cfg)
+    sizes = [sum(p.numel() for p in st.model.parameters()) for st in sim.local.values()]
+    if sizes:  # what each device would deploy (its pruned base, adapter merged: same size)
+        full = sum(p.numel() for p in sim.model0.parameters())
+        out.summary.update(
+            deployed_params_mean=float(np.mean(sizes)),
+            deployed_params_min=int(min(sizes)),
+            deployed_params_max=int(max(sizes)),
+            original_params=int(full),
+        )
     if logger is not None:
         logger.finish(out.summary)
     return out

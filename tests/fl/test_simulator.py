@@ -78,3 +78,14 @@ def test_resume_refuses_a_different_config(tmp_path):
     other = load_config(None, [*BASE, "train.rounds=2", "eval.devices=false", "train.lr=0.1"])
     with pytest.raises(ValueError, match="different configuration"):
         run(other, checkpoint_dir=tmp_path / "c", resume=True)
+
+
+def test_wandb_offline_run_is_written_without_a_login(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = load_config(None, [*BASE, "train.rounds=1", "eval.devices=false", "log.wandb=offline"])
+    logger = RunLogger(tmp_path, config=cfg.to_dict(), wandb_mode="offline", name="t")
+    result = run(cfg, logger)
+    assert list((tmp_path / "wandb").glob("offline-run-*")), "no offline W&B run directory"
+    assert result.summary["deployed_params_max"] <= result.summary["original_params"]
