@@ -63,7 +63,7 @@ from typing import Any
 import numpy as np
 
 from fedspine.fl.devices import DeviceProfile
-from fedspine.pruning.index_map import ROLES, ArchShape, KeptIndexMap
+from fedspine.pruning.index_map import ROLES, ArchShape, KeptIndexMap, plan_kept_counts
 
 Counts = int | Sequence[int] | np.ndarray
 
@@ -224,28 +224,18 @@ def layer_counts(kept_map: KeptIndexMap) -> dict[str, np.ndarray]:
 def kept_counts(shape: ArchShape, ratio: float, *, mlp_matrices: int, round_to: int = 8) -> dict[str, int]:
     """Heads / KV heads / channels every layer keeps when an *unpruned* model is pruned to ``ratio``.
 
-    The same rule as ``fedspine.pruning.structured.plan_counts`` (heads lose the same fraction as
-    the whole, in whole KV groups; MLP channels absorb the rest, in multiples of ``round_to``),
-    restated without torch so the server can price an arm; a test pins the two together.
+    The pruner's own rule (:func:`fedspine.pruning.index_map.plan_kept_counts`, numpy only), so the
+    server prices an arm exactly as the device will prune it.
     """
     ok = isinstance(ratio, numbers.Real) and not isinstance(ratio, bool) and 0.0 <= ratio < 1.0
     if not ok:
         raise ValueError(f"ratio must be in [0, 1), got {ratio!r}")
     round_to = _pos_int("round_to", round_to)
     mlp = _mlp(mlp_matrices)
-    s, g = shape, shape.group_size
-    units = min(s.num_kv_heads, max(1, math.floor((1.0 - ratio) * s.num_kv_heads + 0.5)))
-    heads = units * g
-
-    def attn(h: int) -> int:
-        return (2 * h + 2 * (h // g)) * s.hidden_size * s.head_dim
-
-    per_channel = mlp * s.hidden_size
-    total = attn(s.num_heads) + per_channel * s.intermediate_size
-    need = ((1.0 - ratio) * total - attn(heads)) / per_channel
-    chans = round_to * math.floor(need / round_to + 0.5)
-    chans = min(s.intermediate_size, max(min(round_to, s.intermediate_size), chans))
-    return {"kept_heads": heads, "kept_kv_heads": units, "kept_channels": chans}
+    heads, chans = plan_kept_counts(
+        KeptIndexMap.full(shape), float(ratio), round_to=round_to, mlp_matrices=mlp
+    )
+    return {"kept_heads": heads, "kept_kv_heads": heads // shape.group_size, "kept_channels": chans}
 
 
 def train_flops(

@@ -8,6 +8,7 @@ This module is pure Python + numpy: the server needs it without torch.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -216,3 +217,32 @@ def _take(current: tuple[int, ...], positions: Sequence[int], what: str) -> tupl
 def _expand(units: Sequence[int], width: int) -> np.ndarray:
     u = np.asarray(units, dtype=np.int64)
     return (u[:, None] * width + np.arange(width)[None, :]).reshape(-1)
+
+
+def plan_kept_counts(
+    kept: KeptIndexMap, ratio: float, *, round_to: int, mlp_matrices: int
+) -> tuple[int, int]:
+    """(query heads, MLP channels) every layer keeps so that the sparsity against the *original*
+    model is close to ``ratio``. The one source of this rule: the pruner uses it to prune, the
+    server's time model (no torch) to price an arm.
+
+    Our rule: heads lose the same fraction as the whole, rounded to whole KV groups (at least one);
+    MLP channels then absorb the rounding error, rounded to a multiple of ``round_to`` (at least
+    ``round_to``). Counts never exceed what ``kept`` still has, so a ratio below the current one
+    keeps everything.
+    """
+    s = kept.shape
+    g = s.group_size
+    cap_units = min(len(lk.heads) for lk in kept.layers) // g
+    cap_chans = min(len(lk.channels) for lk in kept.layers)
+    units = min(cap_units, max(1, math.floor((1.0 - ratio) * s.num_kv_heads + 0.5)))
+    heads = units * g
+
+    def attn(h: int) -> int:  # prunable attention weights per layer with h query heads
+        return (2 * h + 2 * (h // g)) * s.hidden_size * s.head_dim
+
+    per_channel = mlp_matrices * s.hidden_size
+    total = attn(s.num_heads) + per_channel * s.intermediate_size
+    need = ((1.0 - ratio) * total - attn(heads)) / per_channel
+    chans = round_to * math.floor(need / round_to + 0.5)
+    return heads, min(cap_chans, max(min(round_to, cap_chans), chans))

@@ -17,7 +17,6 @@ per layer, and uniform widths keep checkpoints loadable).
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ import torch_pruning as tp
 from torch import nn
 
 from fedspine.pruning.arch import Family, LayerRoles, family_of
-from fedspine.pruning.index_map import ArchShape, KeptIndexMap
+from fedspine.pruning.index_map import ArchShape, KeptIndexMap, plan_kept_counts
 
 Positions = list[tuple[list[int], list[int]]]  # per layer: (query-head positions, channel positions)
 
@@ -185,11 +184,9 @@ def plan_counts(
     """Heads and MLP channels to keep per layer so that ``KeptIndexMap.sparsity`` (measured
     against the *original* model) is close to ``ratio``.
 
-    Our rule: heads lose the same fraction as the whole, rounded to whole KV groups (at least
-    one); MLP channels then absorb the rounding error, rounded to a multiple of ``round_to`` (at
-    least ``round_to``). Counts never exceed what ``target`` (a map of an already-pruned model)
-    still has, so a ratio below the current one keeps everything. ``mlp_matrices`` comes from the
-    model's family when ``target`` is a model.
+    The rule is :func:`fedspine.pruning.index_map.plan_kept_counts`. ``target`` may be a map of
+    an already-pruned model (counts never grow back). ``mlp_matrices`` comes from the model's
+    family when ``target`` is a model.
     """
     if not 0.0 <= ratio < 1.0:
         raise ValueError(f"ratio must be in [0, 1), got {ratio!r}")
@@ -204,22 +201,7 @@ def plan_counts(
     if mlp_matrices is None:
         raise ValueError("mlp_matrices is required unless target is a model (2 for BERT, 3 for LLaMA)")
     s = kept.shape
-    g = s.group_size
-    cap_units = min(len(lk.heads) for lk in kept.layers) // g
-    cap_chans = min(len(lk.channels) for lk in kept.layers)
-
-    units = min(cap_units, max(1, math.floor((1.0 - ratio) * s.num_kv_heads + 0.5)))
-    heads = units * g
-
-    def attn(h: int) -> int:  # prunable attention weights per layer with h query heads
-        return (2 * h + 2 * (h // g)) * s.hidden_size * s.head_dim
-
-    per_channel = mlp_matrices * s.hidden_size
-    total = attn(s.num_heads) + per_channel * s.intermediate_size
-    need = ((1.0 - ratio) * total - attn(heads)) / per_channel
-    chans = round_to * math.floor(need / round_to + 0.5)
-    chans = min(cap_chans, max(min(round_to, cap_chans), chans))
-
+    heads, chans = plan_kept_counts(kept, ratio, round_to=round_to, mlp_matrices=mlp_matrices)
     achieved = (
         KeptIndexMap.full(s).compose([(range(heads), range(chans))] * s.num_layers).sparsity(mlp_matrices)
     )
