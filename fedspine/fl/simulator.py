@@ -35,7 +35,7 @@ from fedspine.lora import adapter_shapes, attach, extract, load
 from fedspine.lora.coords import split_key
 from fedspine.models import TaskData, accuracy, build_data, build_model
 from fedspine.pruning.arch import arch_shape, family_of
-from fedspine.pruning.index_map import ROLES, KeptIndexMap
+from fedspine.pruning.index_map import KeptIndexMap
 from fedspine.pruning.structured import prune_model
 
 PROBE_SIZE = 32  # examples in a device's fixed probe batch (loss before/after, for the reward)
@@ -378,4 +378,4 @@ def _progress(total: int, *, enabled: bool) -> Any:
     return tqdm(total=total, desc="rounds", unit="round")
 
 
-__all__ = ["ROLES", "RunResult", "Simulation", "run", "summarize"]
+__all__ = ["RunResult", "Simulation", "run", "summarize"]
