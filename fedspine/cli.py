@@ -145,10 +145,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume", default=None, metavar="RUN_DIR", help="continue a run from its last checkpoint"
     )
     run.set_defaults(func=_run)
+    sub.add_parser(
+        "flower",
+        help="the same run on Flower: fedspine flower sim|deploy --config FILE [overrides]",
+        add_help=False,
+    )
     return ap
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["flower"]:  # its own parser, in fedspine.flower (imports flwr only when used)
+        from fedspine.flower.__main__ import main as flower_main
+
+        return int(flower_main(argv[1:]) or 0)
     args = build_parser().parse_args(argv)
     if getattr(args, "devices", 1) < 1 or getattr(args, "rounds", 1) < 1:
         print("error: --devices and --rounds must be >= 1", file=sys.stderr)

@@ -49,9 +49,11 @@ class TrainConfig:
     local_steps: int = 10
     batch_size: int = 16
     lr: float = 5e-4
+    head_lr: float | None = None  # the task head's learning rate; None = lr, 0 = frozen (fedspine.fl.client)
     prune_interval: int = 20  # paper [S]: 20 local iterations between prunes worked best
     round_to: int = 8
     importance: str = "lora_gradient"
+    loss: str = "ce"  # or "logit-adjusted" (ours, FedLC-style; fedspine.fl.client)
 
 
 @dataclass(frozen=True)
@@ -134,6 +136,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     need(t.local_steps >= 1, "train.local_steps", ">= 1", t.local_steps)
     need(t.batch_size >= 1, "train.batch_size", ">= 1", t.batch_size)
     need(t.lr > 0, "train.lr", "> 0", t.lr)
+    need(t.head_lr is None or t.head_lr >= 0, "train.head_lr", "None or >= 0", t.head_lr)
     need(t.prune_interval >= 1, "train.prune_interval", ">= 1", t.prune_interval)
     need(
         t.importance in ("lora_gradient", "magnitude", "taylor"),
@@ -141,6 +144,7 @@ def validate(cfg: RunConfig) -> RunConfig:
         "one of ['lora_gradient', 'magnitude', 'taylor']",
         t.importance,
     )
+    need(t.loss in ("ce", "logit-adjusted"), "train.loss", "one of ['ce', 'logit-adjusted']", t.loss)
     need(
         len(a.ratios) > 0 and all(0 <= r < 1 for r in a.ratios),
         "arms.ratios",
@@ -218,6 +222,12 @@ def _coerce(hint: Any, value: Any, name: str) -> Any:
         return dict(value)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):
+        # YAML 1.1 reads "5e-4" (no dot) as a string; users mean the number.
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError(f"{name} must be float, got {value!r}") from None
     if hint in (int, float, str, bool) and (type(value) is not hint):
         raise ValueError(f"{name} must be {hint.__name__}, got {value!r}")
     return value

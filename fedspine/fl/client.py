@@ -32,8 +32,18 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "prune_interval": 20,  # paper [S]: 20 local iterations between prunes worked best
     "round_to": 8,
     "importance": "lora_gradient",
+    # "logit-adjusted" (ours, after FedLC, Zhang et al. 2022): local cross-entropy on
+    # logits + log(local label prior). Under label skew a device then cannot lower its loss by
+    # just predicting its majority class, so its update carries features, not a bias that the
+    # average cancels. Sequence classification only; "ce" is plain cross-entropy.
+    "loss": "ce",
+    # Learning rate of the task head (modules_to_save); None = "lr". 0 freezes the fresh random
+    # head for the whole federation (FedBABU, Oh et al. ICLR 2022): under label skew the head is
+    # what drifts most, and a fixed head gives every device the same target for its features.
+    "head_lr": None,
     "seed": 0,
 }
+LOSSES = ("ce", "logit-adjusted")
 
 
 @dataclass
@@ -50,11 +60,13 @@ class LocalState:
 @dataclass(frozen=True)
 class LocalData:
     """A device's private data: shuffled training batches from a generator, a fixed probe batch
-    (loss before/after the round, for the allocator's reward) and the number of examples."""
+    (loss before/after the round, for the allocator's reward), the number of examples and, for
+    classification, how many of them carry each label (the logit-adjusted loss needs it)."""
 
     batches: Callable[[torch.Generator], Iterator[Batch]]
     probe: Batch
     num_samples: int
+    label_counts: np.ndarray | None = None
 
 
 def step_seed(seed: int, device_id: str, rnd: int) -> int:
@@ -73,6 +85,10 @@ def client_step(ins: TrainIns, state: LocalState, data: LocalData) -> tuple[Trai
     unknown = sorted(set(ins.config) - set(DEFAULT_CONFIG))
     if unknown:
         raise ValueError(f"unknown client config key(s) {unknown}; allowed: {sorted(DEFAULT_CONFIG)}")
+    if cfg["loss"] not in LOSSES:
+        raise ValueError(f"client config loss must be one of {list(LOSSES)}, got {cfg['loss']!r}")
+    if cfg["loss"] == "logit-adjusted" and data.label_counts is None:
+        raise ValueError("loss 'logit-adjusted' needs LocalData.label_counts")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(step_seed(int(cfg["seed"]), ins.device_id, ins.round))
         return _client_step(ins, state, data, cfg)
@@ -110,8 +126,9 @@ def _client_step(
     tuner.model.train()
     opt = _optimizer(tuner.model, cfg)
     batches = data.batches(gen)
+    loss_fn = _loss_fn(cfg["loss"], data.label_counts)
     for _ in range(steps):
-        loss = tuner.model(**next(batches)).loss
+        loss = loss_fn(tuner.model, next(batches))
         loss.backward()
         if tuner.after_backward():
             opt = _optimizer(tuner.model, cfg)  # new parameters after a prune
@@ -153,9 +170,30 @@ def update_norm(adapter: dict[str, np.ndarray], scaling: float) -> float:
     return total
 
 
+def _loss_fn(kind: str, label_counts: np.ndarray | None) -> Callable[[nn.Module, Batch], torch.Tensor]:
+    if kind == "ce":
+        return lambda model, batch: model(**batch).loss
+    counts = torch.as_tensor(np.asarray(label_counts, dtype=np.float64))
+    # Add-one smoothing: a label the device never saw gets a finite (very negative) offset.
+    log_prior = torch.log((counts + 1.0) / (counts.sum() + len(counts))).float()
+
+    def adjusted(model: nn.Module, batch: Batch) -> torch.Tensor:
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        if logits.shape[-1] != len(log_prior):
+            raise ValueError(f"{logits.shape[-1]} logits but label_counts has {len(log_prior)} labels")
+        return nn.functional.cross_entropy(logits + log_prior, batch["labels"])
+
+    return adjusted
+
+
 def _optimizer(model: nn.Module, cfg: dict[str, Any]) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW(params, lr=float(cfg["lr"]), weight_decay=float(cfg["weight_decay"]))
+    lr = float(cfg["lr"])
+    head_lr = lr if cfg["head_lr"] is None else float(cfg["head_lr"])
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    head = [p for n, p in named if ".modules_to_save." in n]
+    rest = [p for n, p in named if ".modules_to_save." not in n]
+    groups = [{"params": rest, "lr": lr}] + ([{"params": head, "lr": head_lr}] if head else [])
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=float(cfg["weight_decay"]))
 
 
 @torch.no_grad()

@@ -11,10 +11,10 @@ from __future__ import annotations
 import copy
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -27,7 +27,7 @@ from fedspine.data.tokenize import batches
 from fedspine.fl import checkpoint
 from fedspine.fl.client import LocalData, LocalState, client_step
 from fedspine.fl.devices import DeviceProfile, paper_fleet, tiers
-from fedspine.fl.messages import Failure, TrainRes
+from fedspine.fl.messages import Failure, TrainIns, TrainRes
 from fedspine.fl.server import Server
 from fedspine.fl.strategies import StrategyContext, make_strategy
 from fedspine.fl.time_model import fits, round_time, round_work_for_map, round_work_for_ratio
@@ -45,6 +45,34 @@ PROBE_SIZE = 32  # examples in a device's fixed probe batch (loss before/after, 
 class RunResult:
     records: list[dict[str, Any]] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One device's answer to its ``TrainIns``: a result, or why there is none; on real devices
+    also the wall time the round took there."""
+
+    result: TrainRes | None = None
+    failure: str = ""
+    measured_s: float | None = None
+
+
+class DeviceRunner(Protocol):
+    """Runs the round's client steps outside this process (``fedspine.flower``'s grid runner), so
+    the loop below, its clock, checkpoints and records stay the same on every engine."""
+
+    modelled: bool  # True: the time model prices rounds and checks memory; False: measured wall times
+
+    def available(self, fleet: Sequence[str]) -> Sequence[str]:
+        """Which of the ``fleet``'s devices are reachable now."""
+        ...
+
+    def execute(
+        self, rnd: int, ins: Mapping[str, TrainIns], held: Mapping[str, KeptIndexMap]
+    ) -> Mapping[str, Reply]:
+        """Deliver ``ins``; ``held`` is what the server believes each device holds (its last
+        reported kept map). A device missing from the answer failed."""
+        ...
 
 
 class Simulation:
@@ -116,6 +144,8 @@ class Simulation:
                 "prune_interval": t.prune_interval,
                 "round_to": t.round_to,
                 "importance": t.importance,
+                "loss": t.loss,
+                "head_lr": t.head_lr,
                 "seed": cfg.seed,
             },
         )
@@ -131,10 +161,11 @@ class Simulation:
 
         def stream(gen: torch.Generator) -> Iterator[dict[str, torch.Tensor]]:
             while True:
-                yield from batches(train, idx, bs, gen)
+                yield from batches(train, idx, bs, gen, trim_padding=True)
 
         probe_idx = torch.as_tensor(idx[:PROBE_SIZE])
-        return LocalData(stream, {k: v[probe_idx] for k, v in train.items()}, len(idx))
+        counts = np.bincount(train["labels"][torch.as_tensor(idx)].numpy(), minlength=self.data.num_labels)
+        return LocalData(stream, {k: v[probe_idx] for k, v in train.items()}, len(idx), counts)
 
     def local_state(self, device: str) -> LocalState:
         if device not in self.local:  # devices get their copy of the base model when first needed
@@ -142,11 +173,13 @@ class Simulation:
         return self.local[device]
 
     # --- one round -----------------------------------------------------------------------------
-    def participants(self) -> list[str]:
+    def participants(self, available: Sequence[str] | None = None) -> list[str]:
+        """The round's sample, from ``available`` devices (default: the whole fleet)."""
+        pool = list(self.device_ids) if available is None else [d for d in self.device_ids if d in available]
         k = max(1, round(self.cfg.fleet.participation * len(self.device_ids)))
-        if k == len(self.device_ids):
-            return list(self.device_ids)
-        return sorted(self.rng_sampling.choice(self.device_ids, size=k, replace=False).tolist())
+        if k >= len(pool):
+            return pool
+        return sorted(self.rng_sampling.choice(pool, size=k, replace=False).tolist())
 
     def work(self, kept: KeptIndexMap | None, ratio: float, rank: int):
         t, m = self.cfg.train, self.cfg.model
@@ -163,28 +196,37 @@ class Simulation:
             return round_work_for_map(kept, **kw)
         return round_work_for_ratio(self.shape, ratio, round_to=t.round_to, **kw)
 
-    def run_round(self) -> dict[str, Any]:
+    def run_round(self, runner: DeviceRunner | None = None) -> dict[str, Any]:
+        """One round; the client steps run here, or wherever ``runner`` sends them."""
         self.round += 1
         rnd = self.round
         wall = time.perf_counter()
-        devices = self.participants()
+        devices = self.participants(None if runner is None else runner.available(self.device_ids))
         ins = self.server.configure(rnd, devices)
         results: list[TrainRes] = []
         failures: list[Failure] = []
         times: dict[str, float] = {}
         bytes_up = bytes_down = energy = 0.0
+        modelled = runner is None or runner.modelled
+        held: dict[str, KeptIndexMap] = {}
         for d in devices:
-            planned = self.work(
-                None,
-                max(ins[d].ratio, self.local_state(d).kept_map.sparsity(self.family.mlp_matrices)),
-                ins[d].rank,
-            )
-            if not fits(self.profiles[d], planned):
+            held[d] = self.local_state(d).kept_map if runner is None else self.server.kept_map(d)
+            ratio = max(ins[d].ratio, held[d].sparsity(self.family.mlp_matrices))
+            planned = self.work(None, ratio, ins[d].rank)
+            if modelled and not fits(self.profiles[d], planned):
                 failures.append(Failure(rnd, d, "out of memory"))
+                del held[d]
+        sent = {d: ins[d] for d in held}
+        replies = self._run_here(sent) if runner is None else runner.execute(rnd, sent, held)
+        for d in sent:  # device order: the jitter stream is drawn the same way on every engine
+            reply = replies.get(d) or Reply(failure="no reply")
+            if reply.result is None:
+                failures.append(Failure(rnd, d, reply.failure or "no reply"))
                 continue
-            res, self.local[d] = client_step(ins[d], self.local_state(d), self.local_data(d))
+            res = reply.result
             work = self.work(KeptIndexMap.from_dict(res.kept_map), 0.0, res.rank)
-            timing = round_time(self.profiles[d], work, self.rng_jitter)
+            measured = None if modelled else reply.measured_s
+            timing = round_time(self.profiles[d], work, self.rng_jitter, measured_s=measured)
             results.append(res)
             times[d] = timing.total_s
             bytes_up += work.up_bytes
@@ -220,6 +262,13 @@ class Simulation:
         record["wall_s"] = time.perf_counter() - wall
         return record
 
+    def _run_here(self, ins: Mapping[str, TrainIns]) -> dict[str, Reply]:
+        out = {}
+        for d, i in ins.items():
+            res, self.local[d] = client_step(i, self.local_state(d), self.local_data(d))
+            out[d] = Reply(res)
+        return out
+
     # --- checkpoints ---------------------------------------------------------------------------
     def checkpoint_state(self, records: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         server = self.server.state_dict()
@@ -250,19 +299,9 @@ class Simulation:
         self.rng_jitter.bit_generator.state = state["rng_jitter"]
         self.local = {}
         for d, kept_dict in state["devices"].items():
-            kept = KeptIndexMap.from_dict(kept_dict)
-            model = copy.deepcopy(self.model0)
-            if kept != KeptIndexMap.full(self.shape):  # the original model pruned to what the device kept
-                prune_model(
-                    model, KeptIndexMap.full(self.shape), [(lk.heads, lk.channels) for lk in kept.layers]
-                )
             prefix = f"applied/{d}/"
             applied = {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
-            if applied:
-                with torch.no_grad():
-                    for path, delta in applied.items():
-                        model.get_submodule(path).weight += torch.as_tensor(delta, dtype=torch.float32)
-            self.local[d] = LocalState(model, kept, applied)
+            self.local[d] = rebuild_local_state(self.model0, KeptIndexMap.from_dict(kept_dict), applied)
         return list(state["records"])
 
     # --- evaluation ----------------------------------------------------------------------------
@@ -291,6 +330,24 @@ class Simulation:
         return accuracy(model, self.data.test)
 
 
+def rebuild_local_state(
+    model0: nn.Module, kept: KeptIndexMap, applied: Mapping[str, np.ndarray] | None = None
+) -> LocalState:
+    """A device's state rebuilt from what it kept: a copy of the original model pruned to ``kept``,
+    plus the base delta it had applied (FLoRA-style rules). Pruning is deterministic, so this is
+    the model the device had (resume, or a device that restarts)."""
+    model = copy.deepcopy(model0)
+    full = KeptIndexMap.full(kept.shape)
+    if kept != full:
+        prune_model(model, full, [(lk.heads, lk.channels) for lk in kept.layers])
+    applied = dict(applied or {})
+    if applied:
+        with torch.no_grad():
+            for path, delta in applied.items():
+                model.get_submodule(path).weight += torch.as_tensor(delta, dtype=torch.float32)
+    return LocalState(model, kept, applied)
+
+
 def run(
     cfg: RunConfig,
     logger: Any = None,
@@ -299,12 +356,14 @@ def run(
     resume: bool = False,
     stop_after: int | None = None,
     verbose: bool = False,
+    runner: DeviceRunner | None = None,
 ) -> RunResult:
     """Run the rounds of ``cfg`` and return per-round records and a summary.
 
     With ``checkpoint_dir`` a checkpoint is written atomically every ``cfg.checkpoint_every``
     rounds; ``resume=True`` continues from it and ends with exactly the records an
     uninterrupted run would have. ``stop_after`` ends early after that round (to test resume).
+    ``runner`` runs the client steps elsewhere (Flower); the loop is the same.
     """
     sim = Simulation(cfg)
     out = RunResult()
@@ -321,7 +380,7 @@ def run(
     progress = _progress(cfg.train.rounds, enabled=cfg.log.progress)
     progress.update(sim.round)
     while sim.round < cfg.train.rounds and (stop_after is None or sim.round < stop_after):
-        record = sim.run_round()
+        record = sim.run_round(runner)
         out.records.append(record)
         if logger is not None:
             logger.log_round(record)
@@ -378,4 +437,4 @@ def _progress(total: int, *, enabled: bool) -> Any:
     return tqdm(total=total, desc="rounds", unit="round")
 
 
-__all__ = ["RunResult", "Simulation", "run", "summarize"]
+__all__ = ["DeviceRunner", "Reply", "RunResult", "Simulation", "rebuild_local_state", "run", "summarize"]

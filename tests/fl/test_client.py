@@ -94,3 +94,54 @@ def test_client_step_is_reproducible_for_the_same_seed_device_and_round():
 def test_unknown_client_config_is_rejected():
     with pytest.raises(ValueError, match=r"unknown client config key\(s\) \['local_stpes'\]"):
         client_step(ins_for(fresh_state(), 4, 0.3, config={"local_stpes": 3}), fresh_state(), local_data())
+
+
+def skewed_data(n=64, minority=6):
+    """A device with label skew: ``n - minority`` examples of label 0, ``minority`` of label 1."""
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, VOCAB, (n, 12), generator=g)
+    labels = torch.zeros(n, dtype=torch.long)
+    labels[:minority] = 1
+
+    def batches(gen):
+        while True:
+            idx = torch.randint(0, n, (8,), generator=gen)
+            yield {"input_ids": ids[idx], "labels": labels[idx]}
+
+    counts = np.array([n - minority, minority])
+    return LocalData(batches, {"input_ids": ids[:16], "labels": labels[:16]}, n, counts)
+
+
+def head_bias_shift(loss):
+    state = fresh_state()
+    ins = ins_for(state, 4, 0.0, config={"loss": loss, "local_steps": 12})
+    res, _ = client_step(ins, state, skewed_data())
+    bias = res.adapter["classifier.bias"]
+    return float(bias[0] - bias[1])
+
+
+def test_logit_adjusted_loss_keeps_a_skewed_device_from_learning_its_label_prior():
+    plain, adjusted = head_bias_shift("ce"), head_bias_shift("logit-adjusted")
+    assert plain > 0.02  # plain CE pushes the head towards the device's only label
+    assert abs(adjusted) < 0.25 * plain
+
+
+def test_logit_adjusted_loss_needs_label_counts_and_bad_losses_are_named():
+    state = fresh_state()
+    with pytest.raises(ValueError, match="needs LocalData.label_counts"):
+        client_step(ins_for(state, 4, 0.0, config={"loss": "logit-adjusted"}), state, local_data())
+    with pytest.raises(ValueError, match=r"loss must be one of \['ce', 'logit-adjusted'\], got 'focal'"):
+        client_step(ins_for(state, 4, 0.0, config={"loss": "focal"}), state, local_data())
+
+
+def test_head_gets_its_own_learning_rate():
+    def head_step(head_lr):
+        state = fresh_state()
+        start = extract(attach(tiny_bert(), 8, seed=123))["classifier.weight"]
+        ins = ins_for(state, 4, 0.0, config={"lr": 1e-3, "head_lr": head_lr})
+        res, _ = client_step(ins, state, local_data())
+        return float(np.abs(res.adapter["classifier.weight"] - start).max())
+
+    same, faster = head_step(None), head_step(1e-2)
+    assert same <= 1e-3 * 6 * 1.01  # Adam moves a weight at most ~lr per step
+    assert faster > 3 * same

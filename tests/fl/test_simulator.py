@@ -54,6 +54,13 @@ def test_bad_config_names_the_field_before_any_work():
         load_config(None, ["train.lr_rate=0.1"])
     with pytest.raises(ValueError, match="train.rounds must be int"):
         load_config(None, ["train.rounds=three"])
+    with pytest.raises(ValueError, match="train.lr must be float, got 'fast'"):
+        load_config(None, ["train.lr=fast"])
+
+
+def test_exponent_floats_without_a_dot_are_numbers():
+    # YAML 1.1 reads 5e-4 as a string; a user writing it means the number.
+    assert load_config(None, ["train.lr=5e-4"]).train.lr == 5e-4
 
 
 @pytest.mark.parametrize("name", ["fedspine", "flora", "random-arm"])

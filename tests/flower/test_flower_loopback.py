@@ -1,0 +1,191 @@
+"""The Flower adapter in one process: the real ServerApp loop, codec and ClientApp over a loopback
+Grid (tests/flower/loopback.py). Seconds, no SuperLink; the process tests are in test_flower_runtime.py."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("flwr")
+
+from flwr.app import RecordDict  # noqa: E402
+from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
+from loopback import LoopbackGrid  # noqa: E402
+
+from fedspine.fl import checkpoint  # noqa: E402
+from fedspine.fl.messages import Failure, TrainIns, TrainRes  # noqa: E402
+from fedspine.fl.simulator import Simulation, run  # noqa: E402
+from fedspine.flower import client_app, codec  # noqa: E402
+from fedspine.flower.options import ALLOWED_KEYS, partition_of, read_run_config  # noqa: E402
+from fedspine.flower.server_app import serve  # noqa: E402
+from fedspine.pruning.index_map import ArchShape, KeptIndexMap  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = "fleet.devices=4 train.local_steps=4 train.prune_interval=2 data.max_examples=240 log.progress=false"
+
+
+@pytest.fixture(autouse=True)
+def task_identity():
+    """Messages created outside a Flower runtime need a task identity; devices start cold."""
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
+    client_app._host.cache_clear()
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+    client_app._host.cache_clear()
+
+
+def run_config(tmp_path, rounds, **extra):
+    return {
+        "config": "",
+        "overrides": f"{TINY} train.rounds={rounds}",
+        "run-dir": str(tmp_path / "run"),
+        "state-dir": str(tmp_path / "devices"),
+        "time": "modelled",
+        **extra,
+    }
+
+
+def strip(records):
+    return [{k: v for k, v in r.items() if k != "wall_s"} for r in records]
+
+
+def flower_run(tmp_path, rc, fate=None):
+    grid = LoopbackGrid(rc, 4, str(tmp_path / "devices"), fate)
+    return serve(grid, *read_run_config(rc)), grid
+
+
+def test_codec_round_trip_is_exact():
+    rng = np.random.default_rng(0)
+    arrays = {"bert.encoder.layer.0.attention.self.query.lora_A": rng.normal(size=(4, 64)).astype(np.float32)}
+    ins = TrainIns(
+        3,
+        "d002",
+        0.3,
+        4,
+        arrays,
+        {"w": rng.normal(size=(2, 2))},
+        {"lr": 5e-4, "local_steps": 4, "head_lr": None},
+    )
+    full = KeptIndexMap.full(ArchShape(2, 4, 4, 16, 128, 64))
+    back, held = codec.decode_ins(codec.encode_ins(ins, full))
+    assert held == codec.kept_digest(full)
+    assert (back.round, back.device_id, back.ratio, back.rank, back.config) == (3, "d002", 0.3, 4, ins.config)
+    assert all(
+        np.array_equal(back.adapter[k], v) and back.adapter[k].dtype == v.dtype for k, v in arrays.items()
+    )
+    assert np.array_equal(back.base_delta["w"], ins.base_delta["w"])
+    res = TrainRes(3, "d002", 4, arrays, full.to_dict(), 60, 0.7, 0.5, 0.25, 1.5, {"train_time_s": 0.1})
+    assert codec.decode_res(codec.encode_res(res)).__dict__.keys() == res.__dict__.keys()
+    again = codec.decode_res(codec.encode_res(res))
+    assert again.kept_map == res.kept_map and again.metrics == res.metrics and again.loss_after == 0.5
+    with pytest.raises(ValueError, match="no 'fedspine.res' record"):
+        codec.decode_res(RecordDict({}))
+
+
+def test_bad_run_and_node_config_names_the_key():
+    with pytest.raises(ValueError, match=r"unknown Flower run config key\(s\) \['round-timout'\]"):
+        read_run_config({"round-timout": 5})
+    with pytest.raises(ValueError, match="run config 'round-timeout' must be float, got 'soon'"):
+        read_run_config({"round-timeout": "soon"})
+    with pytest.raises(
+        ValueError, match=r"run config 'time' must be one of \['auto', 'modelled', 'measured'\]"
+    ):
+        read_run_config({"time": "guessed"})
+    with pytest.raises(ValueError, match="strategy.name must be one of"):
+        read_run_config({"overrides": "strategy.name=fedsp1ne"})
+    with pytest.raises(ValueError, match="'config': 'nope.yaml' not found"):
+        read_run_config({"config": "nope.yaml"})
+    cfg, _ = read_run_config({"overrides": "fleet.devices=4"})
+    with pytest.raises(ValueError, match="needs 'partition-id'"):
+        partition_of({}, cfg)
+    with pytest.raises(ValueError, match=r"'partition-id' must be an integer in \[0, 4\)"):
+        partition_of({"partition-id": 4}, cfg)
+    with pytest.raises(ValueError, match="'num-partitions' is 8 but the run's fleet.devices is 4"):
+        partition_of({"partition-id": 1, "num-partitions": 8}, cfg)
+
+
+def test_flower_loop_gives_the_in_process_simulator_records_exactly(tmp_path):
+    rc = run_config(tmp_path, 2)
+    result, grid = flower_run(tmp_path, rc)
+    local = run(read_run_config(rc)[0])
+    assert strip(result.records) == strip(local.records)
+    trains = [m for m in grid.sent if m.metadata.message_type == "train"]
+    assert len(trains) == 4 * 2 and len({m.metadata.dst_node_id for m in trains}) == 4  # one message each
+
+
+def test_a_straggler_fails_the_round_and_its_update_is_not_aggregated(tmp_path):
+    late = lambda p, m: "drop" if p == 1 and m.metadata.message_type == "train" else "ok"  # noqa: E731
+    rc = run_config(tmp_path, 1, **{"round-timeout": 0.5})
+    result, grid = flower_run(tmp_path, rc, late)
+    (record,) = result.records
+    assert record["failures"] == {"d001": "no reply within round-timeout (0.5 s)"}
+    assert sorted(record["round_time_s"]) == ["d000", "d002", "d003"]
+    # The server's global adapter is exactly the aggregate of the three replies that arrived.
+    state, arrays = checkpoint.load(tmp_path / "run" / "checkpoint")
+    sim = Simulation(read_run_config(rc)[0])
+    sim.server.configure(1, sim.device_ids)
+    arrived = [codec.decode_res(m.content) for m in grid.produced if m.metadata.message_type == "train"]
+    arrived = [r for r in arrived if r.device_id != "d001"]
+    assert len(arrived) == 3
+    sim.server.finish(1, arrived, [Failure(1, "d001", "late")], record["round_time_s"])
+    for key, value in sim.server.state.items():
+        np.testing.assert_array_equal(arrays[f"global/{key}"], value)
+    assert "d001" not in state["server"]["kept"]  # its pruning is unknown to the server
+    assert state["server"]["strategy"]["allocator"]["pending"] == []  # the failure was observed
+
+
+def test_a_device_whose_reply_was_lost_rebuilds_the_state_the_server_expects(tmp_path):
+    def late(p, m):
+        return (
+            "drop" if p == 1 and m.metadata.group_id == "1" and m.metadata.message_type == "train" else "ok"
+        )
+
+    rc = run_config(
+        tmp_path, 2, **{"round-timeout": 0.5, "overrides": f"{TINY} train.rounds=2 arms.ratios=[0.5]"}
+    )
+    result, grid = flower_run(tmp_path, rc, late)
+    r1, r2 = result.records
+    assert "d001" in r1["failures"] and "d001" in r2["round_time_s"] and not r2["failures"]
+    held = [codec.decode_ins(m.content) for m in grid.sent if m.metadata.message_type == "train"]
+    full = codec.kept_digest(KeptIndexMap.full(Simulation(read_run_config(rc)[0]).shape))
+    assert [h for ins, h in held if ins.device_id == "d001"] == [
+        full,
+        full,
+    ]  # round 2 asks for round 0's state
+    assert len(list((tmp_path / "devices" / "d001").glob("kept-*.json"))) == 2  # the lost round's state stays
+
+
+def test_a_resumed_server_ends_with_the_uninterrupted_records(tmp_path):
+    """The server dies in round 3 after the devices trained (they are one round ahead of the
+    checkpoint); the devices restart too (cold memory). Resume asks each for its round-2 state."""
+    crash = lambda p, m: "crash-server" if m.metadata.group_id == "3" else "ok"  # noqa: E731
+    rc = run_config(tmp_path, 4)
+    with pytest.raises(RuntimeError, match="the server died"):
+        flower_run(tmp_path, rc, crash)
+    assert json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())["round"] == 2
+    client_app._host.cache_clear()
+    resumed, _ = flower_run(tmp_path, {**rc, "resume": True})
+    assert [r["round"] for r in resumed.records] == [1, 2, 3, 4]
+    assert strip(resumed.records) == strip(run(read_run_config(rc)[0]).records)
+
+
+def test_nodes_that_cannot_serve_the_run_stop_it_at_once_with_the_reason(tmp_path):
+    rc = run_config(tmp_path, 1, wait=60)
+    grid = LoopbackGrid(rc, 2, str(tmp_path / "devices"))  # 2 SuperNodes for a fleet of 4
+    with pytest.raises(RuntimeError, match="'num-partitions' is 2 but the run's fleet.devices is 4"):
+        serve(grid, *read_run_config(rc))
+
+
+def test_the_repository_app_section_lists_every_key_with_valid_defaults(tmp_path):
+    import tomllib
+
+    from fedspine.flower.local import write_app
+
+    ours = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
+    made = tomllib.loads((write_app(tmp_path) / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
+    assert ours["components"] == made["components"]
+    assert sorted(ours["config"]) == sorted(made["config"]) == sorted(ALLOWED_KEYS)
+    cfg, opts = read_run_config(ours["config"])  # the smoke config, found relative to the app
+    assert cfg.model.name == "tiny-bert" and opts.round_timeout_s == 600
