@@ -68,6 +68,7 @@ class ArmsConfig:
 class StrategyConfig:
     name: str = "fedspine"
     params: dict[str, Any] = field(default_factory=dict)
+    aggregation: str | None = None  # override the strategy's own rule (ablations); None = its own
 
 
 @dataclass(frozen=True)
@@ -158,6 +159,16 @@ def validate(cfg: RunConfig) -> RunConfig:
         a.ranks,
     )
     need(cfg.strategy.name in STRATEGIES, "strategy.name", f"one of {sorted(STRATEGIES)}", cfg.strategy.name)
+    if cfg.strategy.aggregation is not None:
+        from fedspine.lora.aggregate import AGGREGATORS
+
+        rules = sorted(AGGREGATORS)
+        need(
+            cfg.strategy.aggregation in rules,
+            "strategy.aggregation",
+            f"None or one of {rules}",
+            cfg.strategy.aggregation,
+        )
     need(cfg.eval.every >= 1, "eval.every", ">= 1", cfg.eval.every)
     need(cfg.log.wandb in WANDB_MODES, "log.wandb", f"one of {list(WANDB_MODES)}", cfg.log.wandb)
     need(cfg.checkpoint_every >= 1, "checkpoint_every", ">= 1", cfg.checkpoint_every)

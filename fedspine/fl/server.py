@@ -34,9 +34,11 @@ class Server:
         r_max: int,
         client_config: Mapping[str, Any],
         seed: int = 0,
+        aggregation: str | None = None,
     ):
+        """``aggregation`` replaces the strategy's own rule (an ablation); None keeps it."""
         self.strategy = strategy
-        self.rule = get_aggregator(strategy.aggregation)
+        self.rule = get_aggregator(aggregation or strategy.aggregation)
         self.shape, self.module_roles = shape, dict(module_roles)
         self.global_shapes, self.r_max = dict(global_shapes), int(r_max)
         self.client_config = dict(client_config)

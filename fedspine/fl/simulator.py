@@ -138,6 +138,7 @@ class Simulation:
             heads=heads,
             r_max=r_max,
             seed=cfg.seed,
+            aggregation=cfg.strategy.aggregation,
             client_config={
                 "local_steps": t.local_steps,
                 "lr": t.lr,

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from fedspine.config import load_config
-from fedspine.fl.simulator import run
+from fedspine.fl.simulator import Simulation, run
 from fedspine.fl.strategies import STRATEGIES
 from fedspine.logging import RunLogger, read_metrics
 
@@ -54,8 +54,16 @@ def test_bad_config_names_the_field_before_any_work():
         load_config(None, ["train.lr_rate=0.1"])
     with pytest.raises(ValueError, match="train.rounds must be int"):
         load_config(None, ["train.rounds=three"])
+    with pytest.raises(ValueError, match=r"strategy.aggregation must be None or one of \[.*'zero-pad'\]"):
+        load_config(None, ["strategy.aggregation=mean"])
     with pytest.raises(ValueError, match="train.lr must be float, got 'fast'"):
         load_config(None, ["train.lr=fast"])
+
+
+def test_aggregation_rule_can_be_swapped_for_an_ablation():
+    sim = Simulation(load_config(None, [*BASE, "strategy.name=fedspine", "strategy.aggregation=zero-pad"]))
+    assert sim.server.rule.name == "zero-pad" and sim.server.strategy.name == "fedspine"
+    assert Simulation(load_config(None, BASE)).server.rule.name == "fedspine"
 
 
 def test_exponent_floats_without_a_dot_are_numbers():
