@@ -61,9 +61,9 @@ def test_bad_config_names_the_field_before_any_work():
 
 
 def test_aggregation_rule_can_be_swapped_for_an_ablation():
-    sim = Simulation(load_config(None, [*BASE, "strategy.name=fedspine", "strategy.aggregation=zero-pad"]))
-    assert sim.server.rule.name == "zero-pad" and sim.server.strategy.name == "fedspine"
-    assert Simulation(load_config(None, BASE)).server.rule.name == "fedspine"
+    sim = Simulation(load_config(None, [*BASE, "strategy.name=fedspine", "strategy.aggregation=fedspine"]))
+    assert sim.server.rule.name == "fedspine" and sim.server.strategy.name == "fedspine"
+    assert Simulation(load_config(None, BASE)).server.rule.name == "zero-pad"
 
 
 def test_exponent_floats_without_a_dot_are_numbers():
