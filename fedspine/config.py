@@ -145,7 +145,9 @@ def validate(cfg: RunConfig) -> RunConfig:
         "one of ['lora_gradient', 'magnitude', 'taylor']",
         t.importance,
     )
-    need(t.loss in ("ce", "logit-adjusted"), "train.loss", "one of ['ce', 'logit-adjusted']", t.loss)
+    from fedspine.fl.client import LOSSES  # the client step owns its losses
+
+    need(t.loss in LOSSES, "train.loss", f"one of {list(LOSSES)}", t.loss)
     need(
         len(a.ratios) > 0 and all(0 <= r < 1 for r in a.ratios),
         "arms.ratios",

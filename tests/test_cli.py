@@ -4,18 +4,14 @@ from fedspine.cli import main
 from fedspine.logging import read_metrics
 
 
+def smoke_run(tmp_path):
+    """``fedspine run`` on the smoke config, 4 devices, 2 rounds, into ``tmp_path``."""
+    config = ["--config", "experiments/configs/smoke.yaml"]
+    return ["run", *config, f"log.dir={tmp_path}", "log.progress=false", "train.rounds=2", "fleet.devices=4"]
+
+
 def test_run_smoke_config_writes_metrics(tmp_path, capsys):
-    rc = main(
-        [
-            "run",
-            "--config",
-            "experiments/configs/smoke.yaml",
-            f"log.dir={tmp_path}",
-            "log.progress=false",
-            "train.rounds=2",
-            "fleet.devices=4",
-        ]
-    )
+    rc = main(smoke_run(tmp_path))
     assert rc == 0
     records = read_metrics(tmp_path / "fedspine-seed0")
     assert [r["round"] for r in records] == [1, 2]
@@ -34,16 +30,7 @@ def test_demo_runs(capsys):
 
 
 def test_resume_continues_a_run_from_its_checkpoint(tmp_path):
-    args = [
-        "run",
-        "--config",
-        "experiments/configs/smoke.yaml",
-        f"log.dir={tmp_path}",
-        "log.progress=false",
-        "train.rounds=2",
-        "fleet.devices=4",
-    ]
-    assert main(args) == 0
+    assert main(smoke_run(tmp_path)) == 0
     run_dir = tmp_path / "fedspine-seed0"
     assert (run_dir / "checkpoint" / "state.json").exists()
     assert main(["run", "--resume", str(run_dir)]) == 0  # already finished: nothing left to run

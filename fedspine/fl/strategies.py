@@ -77,7 +77,8 @@ class FedSpine(Strategy):
     channels. Our reconstruction ``fedspine`` (update-norm weights, rank components averaged only
     over the devices that had them) collapsed the global model to one class on the quick preset
     (Dirichlet 0.5: 0.584 -> 0.416 by round 4), while zero-padding reached 0.734 by round 3 with
-    the same arms; it stays available as ``strategy.aggregation=fedspine`` for ablations."""
+    the same arms; it stays available as ``strategy.aggregation=fedspine`` for ablations
+    (``fedspine run --config experiments/configs/quick.yaml strategy.aggregation=fedspine``)."""
 
     name = "fedspine"
     aggregation = "zero-pad"
