@@ -54,6 +54,8 @@ class TrainConfig:
     round_to: int = 8
     importance: str = "lora_gradient"
     loss: str = "ce"  # or "logit-adjusted" (ours, FedLC-style; fedspine.fl.client)
+    server_lr: float = 1.0  # server step on the aggregate (ours, FedAvgM; fedspine.fl.server)
+    server_momentum: float = 0.0  # 0 = plain aggregation
 
 
 @dataclass(frozen=True)
@@ -138,6 +140,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     need(t.batch_size >= 1, "train.batch_size", ">= 1", t.batch_size)
     need(t.lr > 0, "train.lr", "> 0", t.lr)
     need(t.head_lr is None or t.head_lr >= 0, "train.head_lr", "None or >= 0", t.head_lr)
+    need(t.server_lr > 0, "train.server_lr", "> 0", t.server_lr)
+    need(0 <= t.server_momentum < 1, "train.server_momentum", "in [0, 1)", t.server_momentum)
     need(t.prune_interval >= 1, "train.prune_interval", ">= 1", t.prune_interval)
     need(
         t.importance in ("lora_gradient", "magnitude", "taylor"),

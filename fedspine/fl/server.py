@@ -35,8 +35,23 @@ class Server:
         client_config: Mapping[str, Any],
         seed: int = 0,
         aggregation: str | None = None,
+        server_lr: float = 1.0,
+        server_momentum: float = 0.0,
     ):
-        """``aggregation`` replaces the strategy's own rule (an ablation); None keeps it."""
+        """``aggregation`` replaces the strategy's own rule (an ablation); None keeps it.
+
+        ``server_lr``/``server_momentum`` (ours, FedAvgM, Hsu et al. 2019) treat the rule's
+        aggregate minus the old state as a pseudo-gradient: ``m = β m + Δ``, ``state += η m``.
+        The defaults (1, 0) are plain aggregation. Under label skew a round whose sampled devices
+        all lean one way moves the global model a full step that way; momentum averages that over
+        rounds. Applied to every array whose shape the rule keeps (factors, heads, base deltas).
+        """
+        if not server_lr > 0:
+            raise ValueError(f"server_lr must be > 0, got {server_lr}")
+        if not 0 <= server_momentum < 1:
+            raise ValueError(f"server_momentum must be in [0, 1), got {server_momentum}")
+        self.server_lr, self.server_momentum = float(server_lr), float(server_momentum)
+        self.momentum: dict[str, np.ndarray] = {}
         self.strategy = strategy
         self.rule = get_aggregator(aggregation or strategy.aggregation)
         self.shape, self.module_roles = shape, dict(module_roles)
@@ -81,9 +96,15 @@ class Server:
             self.kept[r.device_id] = KeptIndexMap.from_dict(r.kept_map)
         updates = [DeviceUpdate(r.adapter, self.slices(r.device_id), r.rank, r.num_samples) for r in results]
         if updates:
-            self.state = self.rule.aggregate(
-                self.state, updates, global_shapes=self.global_shapes, r_max=self.r_max
-            )
+            new = self.rule.aggregate(self.state, updates, global_shapes=self.global_shapes, r_max=self.r_max)
+            self.state = self._server_step(self.state, new)
+
+    def _server_step(
+        self, old: Mapping[str, np.ndarray], new: dict[str, np.ndarray]
+    ) -> dict[str, np.ndarray]:
+        if self.server_lr == 1.0 and self.server_momentum == 0.0:
+            return new
+        return server_step(old, new, self.momentum, lr=self.server_lr, momentum=self.server_momentum)
 
     def full_model_adapter(self, rank: int | None = None):
         """The global adapter for the unpruned model (for evaluating "the global model")."""
@@ -94,14 +115,41 @@ class Server:
     def state_dict(self) -> dict[str, Any]:
         return {
             "global": {k: v.copy() for k, v in self.state.items()},
+            "momentum": {k: v.copy() for k, v in self.momentum.items()},
             "kept": {d: m.to_dict() for d, m in self.kept.items()},
             "strategy": self.strategy.state_dict(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.state = {k: np.asarray(v) for k, v in state["global"].items()}
+        self.momentum = {k: np.asarray(v) for k, v in state.get("momentum", {}).items()}
         self.kept = {d: KeptIndexMap.from_dict(m) for d, m in state["kept"].items()}
         self.strategy.load_state_dict(state["strategy"])
+
+
+def server_step(
+    old: Mapping[str, np.ndarray],
+    new: dict[str, np.ndarray],
+    buffer: dict[str, np.ndarray],
+    *,
+    lr: float,
+    momentum: float,
+) -> dict[str, np.ndarray]:
+    """FedAvgM on ``new - old`` per key; updates ``buffer`` in place, returns the stepped state.
+
+    A key the rule reshaped (FLoRA folds its stack into the base) or created is taken as is.
+    """
+    out = dict(new)
+    for key, value in new.items():
+        prev = old.get(key)
+        if prev is None or np.shape(prev) != np.shape(value):
+            buffer.pop(key, None)
+            continue
+        step = value - prev
+        if momentum:
+            step = buffer[key] = momentum * buffer.get(key, 0.0) + step
+        out[key] = (prev + lr * step).astype(value.dtype, copy=False)
+    return out
 
 
 def _slices(kept: KeptIndexMap, module_roles: ModuleRoles) -> dict[str, ModuleSlice]:

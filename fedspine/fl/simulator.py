@@ -139,6 +139,8 @@ class Simulation:
             r_max=r_max,
             seed=cfg.seed,
             aggregation=cfg.strategy.aggregation,
+            server_lr=t.server_lr,
+            server_momentum=t.server_momentum,
             client_config={
                 "local_steps": t.local_steps,
                 "lr": t.lr,
@@ -274,6 +276,7 @@ class Simulation:
     def checkpoint_state(self, records: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         server = self.server.state_dict()
         arrays = {f"global/{k}": v for k, v in server.pop("global").items()}
+        arrays.update({f"momentum/{k}": v for k, v in server.pop("momentum").items()})
         for d, st in self.local.items():
             arrays.update({f"applied/{d}/{p}": v for p, v in st.applied_delta.items()})
         state = {
@@ -293,7 +296,8 @@ class Simulation:
         if state["config"] != json.loads(json.dumps(self.cfg.to_dict())):
             raise ValueError("the checkpoint was written with a different configuration; refusing to resume")
         server = dict(state["server"])
-        server["global"] = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("global/")}
+        for part in ("global", "momentum"):
+            server[part] = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith(part + "/")}
         self.server.load_state_dict(server)
         self.round, self.clock_s = int(state["round"]), float(state["clock_s"])
         self.rng_sampling.bit_generator.state = state["rng_sampling"]

@@ -71,9 +71,12 @@ def test_exponent_floats_without_a_dot_are_numbers():
     assert load_config(None, ["train.lr=5e-4"]).train.lr == 5e-4
 
 
-@pytest.mark.parametrize("name", ["fedspine", "flora", "random-arm"])
-def test_killed_and_resumed_run_ends_with_exactly_the_same_metrics(name, tmp_path):
-    cfg = load_config(None, [*BASE, f"strategy.name={name}", "train.rounds=4", "eval.devices=false"])
+@pytest.mark.parametrize(
+    "name, extra",
+    [("fedspine", []), ("flora", []), ("random-arm", []), ("fedspine", ["train.server_momentum=0.5"])],
+)
+def test_killed_and_resumed_run_ends_with_exactly_the_same_metrics(name, extra, tmp_path):
+    cfg = load_config(None, [*BASE, f"strategy.name={name}", "train.rounds=4", "eval.devices=false", *extra])
     strip = lambda rs: [{k: v for k, v in r.items() if k != "wall_s"} for r in rs]  # noqa: E731
     uninterrupted = run(cfg).records
     ckpt = tmp_path / "ckpt"
