@@ -3,10 +3,12 @@ overrides and validated before any work starts (errors name the field and the al
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import tomllib
 import types
 import typing
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,9 @@ import yaml
 
 MODELS = ("tiny-bert", "tiny-llama", "all-minilm-l6-v2", "smollm2-135m")
 DATA_SOURCES = ("synthetic", "rotten-tomatoes")  # or a path to a local file / saved dataset
+TASKS = ("classification", "causal-lm")  # == fedspine.models.TASKS (kept here: no torch import)
+LM_DATA_SOURCES = ("synthetic", "chatterbot")  # task causal-lm: prompt/answer pairs (fedspine.data.causal)
+LM_MODELS = ("tiny-llama", "smollm2-135m")  # decoders; or a local HF causal-LM directory
 PARTITIONS = ("iid", "dirichlet")
 WANDB_MODES = ("disabled", "offline", "online")
 
@@ -23,6 +28,7 @@ WANDB_MODES = ("disabled", "offline", "online")
 class ModelConfig:
     name: str = "tiny-bert"  # one of MODELS, or a local HF model directory
     max_length: int = 64
+    task: str = "classification"  # or "causal-lm": next-token loss on answer tokens (fedspine.models)
 
 
 @dataclass(frozen=True)
@@ -122,12 +128,41 @@ def validate(cfg: RunConfig) -> RunConfig:
         m.name,
     )
     need(m.max_length >= 8, "model.max_length", ">= 8", m.max_length)
-    need(
-        d.source in DATA_SOURCES or Path(d.source).exists(),
-        "data.source",
-        f"one of {list(DATA_SOURCES)} or a path",
-        d.source,
-    )
+    need(m.task in TASKS, "model.task", f"one of {list(TASKS)}", m.task)
+    if m.task == "causal-lm":
+        need(
+            m.name in LM_MODELS or Path(m.name).is_dir(),
+            "model.name",
+            f"one of {list(LM_MODELS)} or a local model dir for model.task 'causal-lm'",
+            m.name,
+        )
+        need(
+            d.source in LM_DATA_SOURCES,
+            "data.source",
+            f"one of {list(LM_DATA_SOURCES)} for model.task 'causal-lm'",
+            d.source,
+        )
+        # No task head and no class labels: the logit adjustment and a head learning rate have
+        # nothing to act on, so we refuse them rather than ignore them silently.
+        need(
+            t.loss == "ce",
+            "train.loss",
+            "'ce' for model.task 'causal-lm' (logit-adjusted needs class labels)",
+            t.loss,
+        )
+        need(
+            t.head_lr is None,
+            "train.head_lr",
+            "None for model.task 'causal-lm' (a causal LM has no task head)",
+            t.head_lr,
+        )
+    else:
+        need(
+            d.source in DATA_SOURCES or Path(d.source).exists(),
+            "data.source",
+            f"one of {list(DATA_SOURCES)} or a path",
+            d.source,
+        )
     need(0 < d.test_fraction < 1, "data.test_fraction", "in (0, 1)", d.test_fraction)
     need(d.partition in PARTITIONS, "data.partition", f"one of {list(PARTITIONS)}", d.partition)
     need(d.alpha > 0, "data.alpha", "> 0", d.alpha)
@@ -181,7 +216,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:
     """Defaults, then the YAML/TOML file, then ``section.field=value`` overrides; validated."""
     raw: dict[str, Any] = {}
     if path is not None:
@@ -192,17 +227,26 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         raw = (tomllib.loads(text) if p.suffix == ".toml" else yaml.safe_load(text)) or {}
         if not isinstance(raw, dict):
             raise ValueError(f"config file {str(p)!r} must hold a mapping at the top level")
+    parsed = {}
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"override {item!r} must look like section.field=value")
         key, value = item.split("=", 1)
+        parsed[key.strip()] = yaml.safe_load(value)
+    return config_from_mapping(raw, parsed)
+
+
+def config_from_mapping(raw: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> RunConfig:
+    """A validated config from a nested mapping plus ``{"section.field": value}`` overrides."""
+    raw = copy.deepcopy(dict(raw))
+    for key, value in (overrides or {}).items():
         node = raw
-        parts = key.strip().split(".")
+        parts = key.split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ValueError(f"override {item!r}: {part!r} is not a section")
-        node[parts[-1]] = yaml.safe_load(value)
+                raise ValueError(f"override {key}={value!r}: {part!r} is not a section")
+        node[parts[-1]] = copy.deepcopy(value)
     return validate(_build(RunConfig, raw, ""))
 
 

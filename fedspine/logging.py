@@ -21,6 +21,7 @@ class RunLogger:
         wandb_mode: str = "disabled",
         project: str = "fedspine",
         name: str | None = None,
+        group: str | None = None,
         resume: bool = False,
     ):
         self.dir = Path(run_dir)
@@ -37,6 +38,7 @@ class RunLogger:
             self._wandb = wandb.init(
                 project=project,
                 name=name,
+                group=group,
                 mode=wandb_mode,
                 dir=str(self.dir),
                 config=config,

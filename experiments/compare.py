@@ -1,0 +1,53 @@
+"""Run every variant of an experiment on the same fleet, data and budget; write results.md + figures.
+
+    python experiments/compare.py --config experiments/configs/main.yaml --size cpu --seeds 1
+    python experiments/compare.py --config experiments/configs/main.yaml --smoke      # CI size
+
+Runs land in OUT/runs/<group>/<variant>/seed<k>/; rerunning the command picks up where it
+stopped (finished runs are read back, a killed one resumes from its checkpoint).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True, help="experiment spec (experiments/configs/<name>.yaml)")
+    ap.add_argument("--size", default="full", help="a size named in the spec (smoke, cpu, ...) or 'full'")
+    ap.add_argument("--smoke", action="store_true", help="same as --size smoke")
+    ap.add_argument("--seeds", type=int, default=None, help="number of seeds (default: the spec's)")
+    ap.add_argument("--out", default=None, help="output folder (default results/<name>[-<size>])")
+    ap.add_argument("--wandb", default="disabled", choices=["disabled", "offline", "online"])
+    ap.add_argument("--no-figures", action="store_true")
+    args = ap.parse_args(argv)
+
+    from fedspine.experiment import load_experiment, plan, run_cells, write_results
+
+    size = "smoke" if args.smoke else args.size
+    try:
+        exp = load_experiment(args.config)
+        cells = plan(exp, size=size, seeds=args.seeds)
+    except ValueError as exc:  # before any work: name the field and what is allowed
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    out = Path(args.out or f"results/{exp.name}{'' if size == 'full' else '-' + size}")
+    print(
+        f"{exp.title}: {len(cells)} runs ({len(exp.groups)} group(s) x {len(exp.variants)} variants x "
+        f"{len(cells) // (len(exp.groups) * len(exp.variants))} seed(s)), size {size} -> {out}"
+    )
+    results = run_cells(cells, out, wandb=args.wandb, group_name=exp.name)
+    command = "python experiments/compare.py " + shlex.join(
+        ["--config", args.config, "--size", size, "--seeds", str(args.seeds or exp.seeds), "--out", str(out)]
+    )
+    path = write_results(exp, results, out, command=command, size=size, figures=not args.no_figures)
+    print(path.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

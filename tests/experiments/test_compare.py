@@ -1,0 +1,116 @@
+"""experiments/compare.py and fedspine.experiment: specs, tables, resumable runs, every spec's smoke size."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fedspine.experiment import Cell, CellResult, load_experiment, plan, rows, speedup
+
+ROOT = Path(__file__).resolve().parents[2]
+SPECS = sorted(
+    p for p in (ROOT / "experiments/configs").glob("*.yaml") if "experiment" in yaml.safe_load(p.read_text())
+)
+
+
+def compare_main(argv):
+    spec = importlib.util.spec_from_file_location("compare", ROOT / "experiments/compare.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.main(argv)
+
+
+def write_spec(tmp_path, variants=None, **experiment):
+    spec = {
+        "experiment": {
+            "name": "t",
+            "reference": "fedspine",
+            "variants": variants
+            or {"fedspine": {"strategy.name": "fedspine"}, "fedavg": {"strategy.name": "fedavg-lora"}},
+            **experiment,
+        },
+        "run": {
+            "fleet": {"devices": 4},
+            "data": {"max_examples": 200},
+            "train": {"rounds": 2, "local_steps": 2, "prune_interval": 1},
+            "eval": {"target_accuracy": 0.0},
+            "log": {"progress": False},
+        },
+    }
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_every_committed_spec_is_valid_at_every_size():
+    assert len(SPECS) >= 1
+    for path in SPECS:
+        exp = load_experiment(path)
+        assert "smoke" in exp.sizes, f"{path.name} needs a smoke size for CI"
+        for size in exp.size_names():
+            assert plan(exp, size=size, seeds=1)
+
+
+def test_a_bad_variant_is_named_with_its_field_before_any_work(tmp_path):
+    path = write_spec(tmp_path, variants={"fedspine": {}, "typo": {"strategy.name": "fedsp1ne"}})
+    with pytest.raises(ValueError, match=r"variant 'typo': strategy.name must be one of"):
+        load_experiment(path)
+    with pytest.raises(ValueError, match=r"experiment.reference must be one of \['fedavg', 'fedspine'\]"):
+        load_experiment(write_spec(tmp_path, reference="fedsp1ne"))
+    assert compare_main(["--config", str(write_spec(tmp_path, seeds=0))]) == 2
+
+
+def test_cells_of_one_seed_differ_only_in_the_variant(tmp_path):
+    exp = load_experiment(write_spec(tmp_path, groups={"a": {"data.alpha": 0.1}, "b": {"data.alpha": 1.0}}))
+    cells = plan(exp, seeds=2)
+    assert len(cells) == 2 * 2 * 2
+    a0 = [c.cfg.to_dict() for c in cells if c.group == "a" and c.seed == 0]
+    assert a0[0]["strategy"] != a0[1]["strategy"]
+    assert {**a0[0], "strategy": None} == {**a0[1], "strategy": None}
+    assert {c.cfg.data.alpha for c in cells if c.group == "b"} == {1.0}
+
+
+def _result(variant, seed, tta, clock=100.0):
+    cfg = None
+    summary = {
+        "time_to_target_s": tta,
+        "clock_s": clock,
+        "rounds": 5,
+        "final_accuracy": 0.7,
+        "best_accuracy": 0.7,
+        "bytes_total": 1e6,
+        "mean_waiting_s": 1.0,
+        "final_mean_sparsity": 0.0,
+    }
+    return CellResult(Cell("", variant, seed, cfg), [], summary)
+
+
+def test_speedup_is_per_seed_and_marks_lower_bounds():
+    ref = {0: _result("fedspine", 0, 10.0), 1: _result("fedspine", 1, 20.0)}
+    assert speedup([_result("b", 0, 30.0), _result("b", 1, 20.0)], ref) == "2.00x"  # mean of 3.0 and 1.0
+    assert speedup([_result("b", 0, None, clock=50.0), _result("b", 1, 20.0)], ref) == ">3.00x"
+    ref_missing = {0: _result("fedspine", 0, None), 1: _result("fedspine", 1, 20.0)}
+    assert speedup([_result("b", 0, 5.0), _result("b", 1, 40.0)], ref_missing) == "2.00x (1 of 2 seeds)"
+    table = rows([*ref.values(), _result("b", 0, 30.0), _result("b", 1, 20.0)], "fedspine")[""]
+    assert [r.variant for r in table] == ["fedspine", "b"] and table[1].speedup == "2.00x"
+
+
+@pytest.mark.slow
+def test_compare_writes_tables_and_figures_and_does_not_repeat_finished_runs(tmp_path, capsys):
+    spec, out = write_spec(tmp_path), tmp_path / "out"
+    assert compare_main(["--config", str(spec), "--seeds", "1", "--out", str(out)]) == 0
+    md = (out / "results.md").read_text()
+    assert "| fedspine |" in md and "| fedavg |" in md and "--seeds 1" in md
+    for fig in ("accuracy_vs_time", "arms_per_tier", "waiting", "accuracy_vs_sparsity"):
+        assert (out / "figures" / f"{fig}.png").stat().st_size > 1000
+    capsys.readouterr()
+    assert compare_main(["--config", str(spec), "--seeds", "1", "--out", str(out)]) == 0
+    assert capsys.readouterr().out.count("done before, read back") == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", SPECS, ids=[p.stem for p in SPECS])
+def test_every_experiment_runs_at_its_smoke_size(path, tmp_path):
+    assert compare_main(["--config", str(path), "--smoke", "--seeds", "1", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "results.md").exists()
