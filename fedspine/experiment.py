@@ -15,6 +15,8 @@ A spec is a YAML file with two sections: ``run`` (an ordinary run config, the sh
         hetlora: {strategy.name: hetlora}
       groups:                        # optional sweep: every variant runs in every group
         alpha=0.1: {data.alpha: 0.1}
+        sparsity=0.4:                # what differs per variant goes under per_variant
+          per_variant: {fixed-prune: {strategy.params: {ratio: 0.4}}}
       sizes:                         # named overrides; "full" is the run config as written
         smoke: {model.name: tiny-bert, data.source: synthetic}
 
@@ -61,8 +63,16 @@ class Experiment:
         return [FULL, *sorted(self.sizes)]
 
     def config(self, *, size: str, group: str, variant: str, seed: int) -> RunConfig:
-        """The run config of one cell: run section < size < group < variant < seed."""
-        overrides = {**self.sizes.get(size, {}), **self.groups[group], **self.variants[variant]}
+        """The run config of one cell: run section < size < group < variant < the group's
+        ``per_variant`` entry for it < seed."""
+        shared = dict(self.groups[group])
+        per_variant = shared.pop("per_variant", None) or {}
+        overrides = {
+            **self.sizes.get(size, {}),
+            **shared,
+            **self.variants[variant],
+            **(per_variant.get(variant) or {}),
+        }
         overrides["seed"] = seed
         return config_from_mapping(self.run, overrides)
 
@@ -114,6 +124,13 @@ def load_experiment(path: str | Path) -> Experiment:
     )
     if exp.seeds < 1:
         raise ValueError(f"{p}: experiment.seeds must be >= 1, got {exp.seeds}")
+    for group, overrides in exp.groups.items():
+        extra = sorted(set(overrides.get("per_variant") or {}) - set(exp.variants))
+        if extra:
+            raise ValueError(
+                f"{p}: experiment.groups.{group}.per_variant names {extra}, which are not variants; "
+                f"have {sorted(exp.variants)}"
+            )
     for size in exp.size_names():
         for group in exp.groups:
             for variant in exp.variants:

@@ -156,6 +156,10 @@ def _by_tier(strategy: Strategy, key: str, default: Mapping[str, Any], device: s
     return table[tier]
 
 
+# The pruning baselines aggregate exactly as FedSpine does (zero-padding, count-normalised
+# channels), so a comparison with them measures the arm choice alone.
+PRUNING_BASELINE_RULE = FedSpine.aggregation
+
 # Default per-tier settings for the tier-based baselines, for the paper's tiers (ours).
 TIER_RANKS = {"tx2": 4, "nx": 8, "agx": 16, "orin": 16}
 TIER_RATIOS = {"tx2": 0.6, "nx": 0.4, "agx": 0.2, "orin": 0.0}
@@ -209,7 +213,7 @@ class FixedPrune(_Fixed):
     """The same ratio and rank for everyone: the pruning baseline at equal sparsity."""
 
     name = "fixed-prune"
-    aggregation = "fedspine"
+    aggregation = PRUNING_BASELINE_RULE
 
     @classmethod
     def param_names(cls) -> list[str]:
@@ -223,7 +227,7 @@ class TierPrune(_Fixed):
     """Ratio by known device tier (an oracle-ish heuristic: it is told who is slow)."""
 
     name = "tier-prune"
-    aggregation = "fedspine"
+    aggregation = PRUNING_BASELINE_RULE
 
     @classmethod
     def param_names(cls) -> list[str]:
@@ -237,7 +241,7 @@ class RandomArm(Strategy):
     """A uniformly random arm of the same space each round (seeded): the no-learning control."""
 
     name = "random-arm"
-    aggregation = "fedspine"
+    aggregation = PRUNING_BASELINE_RULE
 
     def __init__(self, ctx: StrategyContext):
         super().__init__(ctx)
