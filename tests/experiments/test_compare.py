@@ -1,6 +1,7 @@
 """experiments/compare.py and fedspine.experiment: specs, tables, resumable runs, every spec's smoke size."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -14,11 +15,15 @@ SPECS = sorted(
 )
 
 
-def compare_main(argv):
-    spec = importlib.util.spec_from_file_location("compare", ROOT / "experiments/compare.py")
+def script_main(name, argv):
+    spec = importlib.util.spec_from_file_location(name, ROOT / f"experiments/{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod.main(argv)
+
+
+def compare_main(argv):
+    return script_main("compare", argv)
 
 
 def write_spec(tmp_path, variants=None, **experiment):
@@ -114,3 +119,14 @@ def test_compare_writes_tables_and_figures_and_does_not_repeat_finished_runs(tmp
 def test_every_experiment_runs_at_its_smoke_size(path, tmp_path):
     assert compare_main(["--config", str(path), "--smoke", "--seeds", "1", "--out", str(tmp_path)]) == 0
     assert (tmp_path / "results.md").exists()
+
+
+@pytest.mark.slow
+def test_deploy_script_reports_fractions_of_the_unpruned_model(tmp_path):
+    assert script_main("deploy", ["--smoke", "--ratios", "0.3", "0.5", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert [r["ratio"] for r in rows] == [0.3, 0.5]
+    assert rows[1]["params"] < rows[0]["params"]  # more pruning, fewer parameters
+    assert 0 < rows[1]["memory_ratio"] < rows[0]["memory_ratio"] < 1
+    assert (tmp_path / "figures" / "deploy.png").exists()
+    assert script_main("deploy", ["--smoke", "--ratios", "1.5", "--out", str(tmp_path)]) == 2
