@@ -24,6 +24,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="output folder (default results/<name>[-<size>])")
     ap.add_argument("--wandb", default="disabled", choices=["disabled", "offline", "online"])
     ap.add_argument("--no-figures", action="store_true")
+    ap.add_argument("--groups", nargs="+", default=None, help="run only these groups of a sweep")
+    ap.add_argument(
+        "--shard",
+        default=None,
+        help="K/N: run only every N-th run starting at the K-th (1-based), e.g. two processes with "
+        "1/2 and 2/2; then rerun without --shard to read them back and write the tables",
+    )
     args = ap.parse_args(argv)
 
     from fedspine.experiment import load_experiment, plan, run_cells, write_results
@@ -32,21 +39,42 @@ def main(argv: list[str] | None = None) -> int:
     try:
         exp = load_experiment(args.config)
         cells = plan(exp, size=size, seeds=args.seeds)
+        if args.groups:
+            unknown = sorted(set(args.groups) - set(exp.groups))
+            if unknown:
+                raise ValueError(f"--groups {unknown} not in the spec; have {list(exp.groups)}")
+            cells = [c for c in cells if c.group in args.groups]
+        shard = _shard(args.shard)
     except ValueError as exc:  # before any work: name the field and what is allowed
         print(f"error: {exc}", file=sys.stderr)
         return 2
     out = Path(args.out or f"results/{exp.name}{'' if size == 'full' else '-' + size}")
-    print(
-        f"{exp.title}: {len(cells)} runs ({len(exp.groups)} group(s) x {len(exp.variants)} variants x "
-        f"{len(cells) // (len(exp.groups) * len(exp.variants))} seed(s)), size {size} -> {out}"
-    )
+    print(f"{exp.title}: {len(cells)} runs, size {size} -> {out}")
+    if shard is not None:
+        k, n = shard
+        run_cells(cells[k - 1 :: n], out, wandb=args.wandb, group_name=exp.name)
+        print(f"shard {k}/{n} done; rerun without --shard to write the tables")
+        return 0
     results = run_cells(cells, out, wandb=args.wandb, group_name=exp.name)
     command = "python experiments/compare.py " + shlex.join(
         ["--config", args.config, "--size", size, "--seeds", str(args.seeds or exp.seeds), "--out", str(out)]
+        + (["--groups", *args.groups] if args.groups else [])
     )
     path = write_results(exp, results, out, command=command, size=size, figures=not args.no_figures)
     print(path.read_text())
     return 0
+
+
+def _shard(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    try:
+        k, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard must look like K/N, got {text!r}") from None
+    if not 1 <= k <= n:
+        raise ValueError(f"--shard K/N needs 1 <= K <= N, got {text!r}")
+    return k, n
 
 
 if __name__ == "__main__":

@@ -104,14 +104,19 @@ def test_speedup_is_per_seed_and_marks_lower_bounds():
 @pytest.mark.slow
 def test_compare_writes_tables_and_figures_and_does_not_repeat_finished_runs(tmp_path, capsys):
     spec, out = write_spec(tmp_path), tmp_path / "out"
-    assert compare_main(["--config", str(spec), "--seeds", "1", "--out", str(out)]) == 0
+    args = ["--config", str(spec), "--seeds", "1", "--out", str(out)]
+    assert compare_main([*args, "--shard", "2/2"]) == 0  # one of the two runs, no tables yet
+    assert not (out / "results.md").exists()
+    capsys.readouterr()
+    assert compare_main(args) == 0
+    assert capsys.readouterr().out.count("done before, read back") == 1
     md = (out / "results.md").read_text()
     assert "| fedspine |" in md and "| fedavg |" in md and "--seeds 1" in md
     for fig in ("accuracy_vs_time", "arms_per_tier", "waiting", "accuracy_vs_sparsity"):
         assert (out / "figures" / f"{fig}.png").stat().st_size > 1000
-    capsys.readouterr()
-    assert compare_main(["--config", str(spec), "--seeds", "1", "--out", str(out)]) == 0
+    assert compare_main(args) == 0
     assert capsys.readouterr().out.count("done before, read back") == 2
+    assert compare_main([*args, "--shard", "3/2"]) == 2
 
 
 @pytest.mark.slow
