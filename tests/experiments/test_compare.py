@@ -64,6 +64,7 @@ def test_a_bad_variant_is_named_with_its_field_before_any_work(tmp_path):
     with pytest.raises(ValueError, match=r"experiment.reference must be one of \['fedavg', 'fedspine'\]"):
         load_experiment(write_spec(tmp_path, reference="fedsp1ne"))
     assert compare_main(["--config", str(write_spec(tmp_path, seeds=0))]) == 2
+    assert compare_main(["--config", str(write_spec(tmp_path)), "--groups", "alpha 0.1"]) == 2
 
 
 def test_cells_of_one_seed_differ_only_in_the_variant(tmp_path):
