@@ -461,6 +461,7 @@ def make_figures(exp: Experiment, results: Sequence[CellResult], out: Path) -> d
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig_dir = out / "figures"
     fig_dir.mkdir(parents=True, exist_ok=True)
@@ -506,6 +507,8 @@ def make_figures(exp: Experiment, results: Sequence[CellResult], out: Path) -> d
                         rank.append(np.mean([a[1] for a in arms]))
                 a1.plot(rounds, ratio, marker="o", label=t)
                 a2.plot(rounds, rank, marker="o", label=t)
+            for a in (a1, a2):
+                a.xaxis.set_major_locator(MaxNLocator(integer=True))
             a1.set(xlabel="round", ylabel="mean pruning ratio", title=f"{exp.reference}: ratio per tier")
             a2.set(xlabel="round", ylabel="mean LoRA rank", title=f"{exp.reference}: rank per tier")
             a1.legend(fontsize=7)
