@@ -525,6 +525,7 @@ def make_figures(exp: Experiment, results: Sequence[CellResult], out: Path) -> d
                     color=colour[v],
                     label=v,
                 )
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set(
             xlabel="round",
             ylabel="mean waiting per device (s, sim.)",
