@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import re
 import shutil
@@ -373,8 +374,6 @@ def environment() -> dict[str, str]:
             env[mod] = __import__(mod).__version__
         except Exception:  # noqa: BLE001 - a missing optional package is just not listed
             pass
-    import os
-
     env["cpus"] = str(os.cpu_count())
     env["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU only"
     return env
