@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     from fedspine.lora import attach
     from fedspine.models import build_model
     from fedspine.pruning import arch_shape, family_of, prune_to_ratio
+    from fedspine.pruning.index_map import KeptIndexMap
 
     out = Path(args.out or ("results/deploy-smoke" if args.smoke else "results/deploy"))
     out.mkdir(parents=True, exist_ok=True)
@@ -103,8 +104,6 @@ def main(argv: list[str] | None = None) -> int:
 
     dense = copy.deepcopy(base).to(device).eval()
     full_params = sum(p.numel() for p in dense.parameters())
-    from fedspine.pruning.index_map import KeptIndexMap
-
     dense_mem, mem_how = train_memory(base, KeptIndexMap.full(shape))
     rows = []
     for ratio in args.ratios:
@@ -114,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         for m in (dense, pruned):  # warm-up
             latency_s(m)
         pairs = [latency_s(pruned) / latency_s(dense) for _ in range(args.repeats)]
-        mem, _ = train_memory(pruned.cpu() if device == "cpu" else pruned, kept)
+        mem, _ = train_memory(pruned, kept)
         rows.append(
             {
                 "ratio": ratio,

@@ -188,7 +188,6 @@ def run_cells(
     wandb: str = "disabled",
     project: str = "fedspine",
     group_name: str | None = None,
-    progress: bool = True,
 ) -> list[CellResult]:
     """Run (or pick up) every cell; a finished cell with the same config is read back, a killed
     one resumes from its checkpoint, one whose config changed starts over."""
