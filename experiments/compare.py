@@ -25,6 +25,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--wandb", default="disabled", choices=["disabled", "offline", "online"])
     ap.add_argument("--no-figures", action="store_true")
     ap.add_argument("--groups", nargs="+", default=None, help="run only these groups of a sweep")
+    ap.add_argument("--variants", nargs="+", default=None, help="run only these variants")
+    ap.add_argument(
+        "--reuse",
+        nargs="+",
+        default=(),
+        metavar="DIR",
+        help="copy any run whose exact config already finished under DIR (e.g. results/main-cpu) "
+        "instead of running it again; results.md lists the copies",
+    )
+    ap.add_argument(
+        "--partial",
+        action="store_true",
+        help="run nothing: write the tables from the runs finished so far and list the missing ones",
+    )
     ap.add_argument(
         "--shard",
         default=None,
@@ -33,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = ap.parse_args(argv)
 
-    from fedspine.experiment import load_experiment, plan, run_cells, write_results
+    from fedspine.experiment import load_experiment, plan, read_finished, run_cells, write_results
 
     size = "smoke" if args.smoke else args.size
     try:
@@ -44,6 +58,11 @@ def main(argv: list[str] | None = None) -> int:
             if unknown:
                 raise ValueError(f"--groups {unknown} not in the spec; have {list(exp.groups)}")
             cells = [c for c in cells if c.group in args.groups]
+        if args.variants:
+            unknown = sorted(set(args.variants) - set(exp.variants))
+            if unknown:
+                raise ValueError(f"--variants {unknown} not in the spec; have {list(exp.variants)}")
+            cells = [c for c in cells if c.variant in args.variants]
         shard = _shard(args.shard)
     except ValueError as exc:  # before any work: name the field and what is allowed
         print(f"error: {exc}", file=sys.stderr)
@@ -52,15 +71,26 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{exp.title}: {len(cells)} runs, size {size} -> {out}")
     if shard is not None:
         k, n = shard
-        run_cells(cells[k - 1 :: n], out, wandb=args.wandb, group_name=exp.name)
+        run_cells(cells[k - 1 :: n], out, wandb=args.wandb, group_name=exp.name, reuse=args.reuse)
         print(f"shard {k}/{n} done; rerun without --shard to write the tables")
         return 0
-    results = run_cells(cells, out, wandb=args.wandb, group_name=exp.name)
+    if args.partial:
+        results, missing = read_finished(cells, out)
+        if not results:
+            print(f"error: no finished runs under {out}", file=sys.stderr)
+            return 2
+    else:
+        results = run_cells(cells, out, wandb=args.wandb, group_name=exp.name, reuse=args.reuse)
+        missing = []
     command = "python experiments/compare.py " + shlex.join(
         ["--config", args.config, "--size", size, "--seeds", str(args.seeds or exp.seeds), "--out", str(out)]
         + (["--groups", *args.groups] if args.groups else [])
+        + (["--variants", *args.variants] if args.variants else [])
+        + (["--reuse", *map(str, args.reuse)] if args.reuse else [])
     )
-    path = write_results(exp, results, out, command=command, size=size, figures=not args.no_figures)
+    path = write_results(
+        exp, results, out, command=command, size=size, figures=not args.no_figures, missing=missing
+    )
     print(path.read_text())
     return 0
 

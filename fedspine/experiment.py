@@ -181,6 +181,41 @@ class CellResult:
     summary: dict[str, Any]
 
 
+def finished_runs(roots: Sequence[str | Path]) -> dict[str, Path]:
+    """Finished run directories under ``roots``, keyed by their exact config (canonical JSON)."""
+    found: dict[str, Path] = {}
+    for root in roots:
+        for cfg_path in sorted(Path(root).rglob("config.json")):
+            if (cfg_path.parent / "summary.json").exists() and (cfg_path.parent / "metrics.jsonl").exists():
+                found.setdefault(_config_key(_read_json(cfg_path)), cfg_path.parent)
+    return found
+
+
+def _config_key(cfg: Any) -> str:
+    return json.dumps(cfg, sort_keys=True)
+
+
+def _wanted(cell: Cell) -> dict[str, Any]:
+    return json.loads(json.dumps(cell.cfg.to_dict()))
+
+
+def _is_finished(cell: Cell, out: Path) -> bool:
+    run_dir = cell.run_dir(out)
+    return (run_dir / "summary.json").exists() and _read_json(run_dir / "config.json") == _wanted(cell)
+
+
+def read_finished(cells: Sequence[Cell], out: str | Path) -> tuple[list[CellResult], list[Cell]]:
+    """The cells already finished under ``out`` (read back, nothing run) and the missing ones."""
+    from fedspine.logging import read_metrics
+
+    out = Path(out)
+    done = [c for c in cells if _is_finished(c, out)]
+    results = [
+        CellResult(c, read_metrics(c.run_dir(out)), _read_json(c.run_dir(out) / "summary.json")) for c in done
+    ]
+    return results, [c for c in cells if c not in done]
+
+
 def run_cells(
     cells: Sequence[Cell],
     out: str | Path,
@@ -188,23 +223,39 @@ def run_cells(
     wandb: str = "disabled",
     project: str = "fedspine",
     group_name: str | None = None,
+    reuse: Sequence[str | Path] = (),
 ) -> list[CellResult]:
     """Run (or pick up) every cell; a finished cell with the same config is read back, a killed
-    one resumes from its checkpoint, one whose config changed starts over."""
+    one resumes from its checkpoint, one whose config changed starts over.
+
+    A cell whose exact config already ran to the end under one of the ``reuse`` folders (another
+    experiment's results, say) is copied from there instead of run again; its summary records
+    ``reused_from`` and results.md lists it. Runs are deterministic given their config, so this
+    saves compute without changing a number."""
     from fedspine.fl.simulator import run
     from fedspine.logging import RunLogger, read_metrics
 
     out = Path(out)
+    elsewhere = finished_runs(reuse) if reuse else {}
     results = []
     for i, cell in enumerate(cells, 1):
         run_dir = cell.run_dir(out)
         label = f"[{i}/{len(cells)}] {cell.group + ' ' if cell.group else ''}{cell.variant} seed {cell.seed}"
-        want = json.loads(json.dumps(cell.cfg.to_dict()))
+        want = _wanted(cell)
         have = _read_json(run_dir / "config.json")
         if have is not None and have != want:
             print(f"{label}: config changed since the last run; starting over", flush=True)
             shutil.rmtree(run_dir)
             have = None
+        source = elsewhere.get(_config_key(want))
+        if have is None and source is not None and source.resolve() != run_dir.resolve():
+            run_dir.mkdir(parents=True, exist_ok=True)
+            for name in ("config.json", "metrics.jsonl"):
+                shutil.copyfile(source / name, run_dir / name)
+            summary = {**_read_json(source / "summary.json"), "reused_from": source.as_posix()}
+            (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+            print(f"{label}: same config finished in {source}; copied", flush=True)
+            have = want
         if have is not None and (run_dir / "summary.json").exists():
             print(f"{label}: done before, read back", flush=True)
             results.append(CellResult(cell, read_metrics(run_dir), _read_json(run_dir / "summary.json")))
@@ -232,6 +283,10 @@ def run_cells(
         )
         results.append(CellResult(cell, res.records, res.summary))
     return results
+
+
+def _cell_name(cell: Cell) -> str:
+    return " ".join(x for x in (cell.group, cell.variant, f"seed {cell.seed}") if x)
 
 
 def _read_json(path: Path) -> Any:
@@ -386,15 +441,17 @@ def write_results(
     command: str,
     size: str,
     figures: bool = True,
+    missing: Sequence[Cell] = (),
 ) -> Path:
-    """``results.md`` (+ PNG figures) under ``out``; returns the markdown path."""
+    """``results.md`` (+ PNG figures) under ``out``; returns the markdown path. ``missing`` lists
+    planned runs that have not run (a partial table says so at the top)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     target = results[0].cell.cfg.eval.target_accuracy if results else None
     tables = rows(results, exp.reference)
     figs = make_figures(exp, results, out) if figures else {}
     env = environment()
-    wall = sum(r.summary.get("wall_s", 0.0) for r in results)
+    wall = sum(r.summary.get("wall_s", 0.0) for r in results if not r.summary.get("reused_from"))
     seeds = max((r.cell.seed for r in results), default=0) + 1
     md = [f"# {exp.title}", ""]
     if exp.about:
@@ -415,6 +472,22 @@ def write_results(
         "per round (makespan minus its own time); *sparsity* is the mean achieved pruning ratio.",
         "",
     ]
+    if missing:
+        md += [
+            f"**Partial results:** {len(missing)} planned run(s) have not run yet and are not in the tables: "
+            + "; ".join(_cell_name(c) for c in missing)
+            + ".",
+            "",
+        ]
+    reused = [r for r in results if r.summary.get("reused_from")]
+    if reused:
+        md += [
+            "Runs copied from an identical config that had already run (runs are deterministic given "
+            "their config): "
+            + "; ".join(f"{_cell_name(r.cell)} from `{r.summary['reused_from']}`" for r in reused)
+            + ".",
+            "",
+        ]
     for g, table in tables.items():
         if g:
             md += [f"## {g}", ""]
@@ -432,6 +505,7 @@ def write_results(
                 "size": size,
                 "command": command,
                 "environment": env,
+                "missing": [_cell_name(c) for c in missing],
                 "runs": [
                     {
                         "group": r.cell.group,

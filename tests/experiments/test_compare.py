@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fedspine.experiment import Cell, CellResult, load_experiment, plan, rows, speedup
+from fedspine.experiment import Cell, CellResult, load_experiment, plan, rows, run_cells, speedup
 
 ROOT = Path(__file__).resolve().parents[2]
 SPECS = sorted(
@@ -108,6 +108,9 @@ def test_compare_writes_tables_and_figures_and_does_not_repeat_finished_runs(tmp
     args = ["--config", str(spec), "--seeds", "1", "--out", str(out)]
     assert compare_main([*args, "--shard", "2/2"]) == 0  # one of the two runs, no tables yet
     assert not (out / "results.md").exists()
+    assert compare_main([*args, "--partial", "--no-figures"]) == 0  # table of what ran, the rest listed
+    md = (out / "results.md").read_text()
+    assert ("| fedavg |" in md) != ("| fedspine |" in md) and "Partial results:** 1 planned run" in md
     capsys.readouterr()
     assert compare_main(args) == 0
     assert capsys.readouterr().out.count("done before, read back") == 1
@@ -136,3 +139,29 @@ def test_deploy_script_reports_fractions_of_the_unpruned_model(tmp_path):
     assert 0 < rows[1]["memory_ratio"] < rows[0]["memory_ratio"] < 1
     assert (tmp_path / "figures" / "deploy.png").exists()
     assert script_main("deploy", ["--smoke", "--ratios", "1.5", "--out", str(tmp_path)]) == 2
+
+
+@pytest.mark.slow
+def test_a_run_finished_elsewhere_with_the_same_config_is_copied_not_rerun(tmp_path, monkeypatch, capsys):
+    spec, first, second = write_spec(tmp_path), tmp_path / "first", tmp_path / "second"
+    args = ["--config", str(spec), "--seeds", "1", "--no-figures"]
+    assert compare_main([*args, "--out", str(first), "--variants", "fedavg"]) == 0
+    assert compare_main([*args, "--variants", "nope"]) == 2
+
+    import fedspine.fl.simulator as simulator
+
+    def no_training(*a, **k):
+        raise AssertionError("a copied run must not train")
+
+    monkeypatch.setattr(simulator, "run", no_training)
+    cells = plan(load_experiment(spec), seeds=1)
+    fedavg = next(c for c in cells if c.variant == "fedavg")
+    (result,) = run_cells([fedavg], second, reuse=[first])
+    source = fedavg.run_dir(first)
+    assert result.summary["reused_from"] == source.as_posix()
+    assert (fedavg.run_dir(second) / "metrics.jsonl").read_text() == (source / "metrics.jsonl").read_text()
+    with pytest.raises(AssertionError, match="must not train"):  # no identical config: it would run
+        run_cells([next(c for c in cells if c.variant == "fedspine")], second, reuse=[first])
+    capsys.readouterr()
+    assert compare_main([*args, "--out", str(second), "--partial", "--reuse", str(first)]) == 0
+    assert "copied from an identical config" in (second / "results.md").read_text()
