@@ -230,8 +230,8 @@ def run_cells(
 
     A cell whose exact config already ran to the end under one of the ``reuse`` folders (another
     experiment's results, say) is copied from there instead of run again; its summary records
-    ``reused_from`` and results.md lists it. Runs are deterministic given their config, so this
-    saves compute without changing a number."""
+    ``reused_from`` and results.md lists it. A run's numbers follow from its config and seed, so
+    the copy is what a rerun would give, for none of the compute."""
     from fedspine.fl.simulator import run
     from fedspine.logging import RunLogger, read_metrics
 
@@ -482,8 +482,7 @@ def write_results(
     reused = [r for r in results if r.summary.get("reused_from")]
     if reused:
         md += [
-            "Runs copied from an identical config that had already run (runs are deterministic given "
-            "their config): "
+            "Runs copied from an identical config that had already finished (`--reuse`): "
             + "; ".join(f"{_cell_name(r.cell)} from `{r.summary['reused_from']}`" for r in reused)
             + ".",
             "",
