@@ -206,14 +206,15 @@ def _is_finished(cell: Cell, out: Path) -> bool:
 
 def read_finished(cells: Sequence[Cell], out: str | Path) -> tuple[list[CellResult], list[Cell]]:
     """The cells already finished under ``out`` (read back, nothing run) and the missing ones."""
-    from fedspine.logging import read_metrics
-
     out = Path(out)
     done = [c for c in cells if _is_finished(c, out)]
-    results = [
-        CellResult(c, read_metrics(c.run_dir(out)), _read_json(c.run_dir(out) / "summary.json")) for c in done
-    ]
-    return results, [c for c in cells if c not in done]
+    return [_read_back(c, c.run_dir(out)) for c in done], [c for c in cells if c not in done]
+
+
+def _read_back(cell: Cell, run_dir: Path) -> CellResult:
+    from fedspine.logging import read_metrics
+
+    return CellResult(cell, read_metrics(run_dir), _read_json(run_dir / "summary.json"))
 
 
 def run_cells(
@@ -233,7 +234,7 @@ def run_cells(
     ``reused_from`` and results.md lists it. A run's numbers follow from its config and seed, so
     the copy is what a rerun would give, for none of the compute."""
     from fedspine.fl.simulator import run
-    from fedspine.logging import RunLogger, read_metrics
+    from fedspine.logging import RunLogger
 
     out = Path(out)
     elsewhere = finished_runs(reuse) if reuse else {}
@@ -258,7 +259,7 @@ def run_cells(
             have = want
         if have is not None and (run_dir / "summary.json").exists():
             print(f"{label}: done before, read back", flush=True)
-            results.append(CellResult(cell, read_metrics(run_dir), _read_json(run_dir / "summary.json")))
+            results.append(_read_back(cell, run_dir))
             continue
         resume = (run_dir / "checkpoint").exists()
         print(f"{label}: {'resuming' if resume else 'running'} -> {run_dir}", flush=True)
