@@ -70,8 +70,10 @@ class Strategy:
 
 
 class FedSpine(Strategy):
-    """The paper's method: a per-device bandit picks (ratio, rank) from observed round outcomes,
-    with no knowledge of device speed (``fedspine.bandit``; safe exploration is ours).
+    """The paper's method: an online bandit picks every device's (ratio, rank) from observed
+    round outcomes, with no knowledge of device speed (``fedspine.bandit``). The default objective
+    ``"deadline"`` (ours) learns a common round deadline and gives each device the arm its spare
+    time affords; ``objective: paper`` is the per-device reconstruction of the paper's bandit.
 
     Aggregation (ours; the paper's rule is not public): zero-padding with count-normalised
     channels. Our reconstruction ``fedspine`` (update-norm weights, rank components averaged only
@@ -85,17 +87,28 @@ class FedSpine(Strategy):
 
     @classmethod
     def param_names(cls) -> list[str]:
-        return ["policy", "policy_params", "safe_slack", "reward"]
+        return [
+            "objective",
+            "policy",
+            "policy_params",
+            "safe_slack",
+            "deadline_slack",
+            "explore_factor",
+            "reward",
+        ]
 
     def __init__(self, ctx: StrategyContext):
         super().__init__(ctx)
         self.allocator = Allocator(
             ctx.space,
-            policy=self._param("policy", "s-ucb"),
+            policy=self._param("policy", None),
             policy_params=self._param("policy_params", None),
             reward=RewardConfig(**self._param("reward", {})),
             seed=ctx.seed,
             safe_slack=self._param("safe_slack", 0.05),
+            objective=self._param("objective", "deadline"),
+            deadline_slack=self._param("deadline_slack", 0.0),
+            explore_factor=self._param("explore_factor", 1.25),
         )
 
     def configure(self, rnd: int, devices: Sequence[str]) -> dict[str, Arm]:
