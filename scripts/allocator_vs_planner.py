@@ -2,6 +2,7 @@
 
     python scripts/allocator_vs_planner.py              # the issue's table: 4 fleets x 3 seeds, 30 rounds
     python scripts/allocator_vs_planner.py --rounds 50 --seeds 5
+    python scripts/allocator_vs_planner.py --figures results/allocator   # + mechanism figures
 
 For every fleet and allocator it prints, over rounds 21-30 (after warm-up) and averaged over the
 seeds (worst seed in brackets): mean makespan and mean capacity relative to the planner
@@ -15,6 +16,7 @@ the ones the defaults were tuned on (``paper_mix`` seeds 0 and 3, ``drawn`` seed
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import numpy as np
 
@@ -60,6 +62,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--figures", default=None, help="folder for the mechanism figures (needs matplotlib)")
     args = ap.parse_args()
     window = slice(max(0, args.rounds - 10), args.rounds)
     print(f"rounds {window.start + 1}-{window.stop}, mean over seeds 0-{args.seeds - 1} [worst seed]\n")
@@ -105,6 +108,80 @@ def main() -> None:
             run = simulate(fleet, Allocator(SPACE, seed=s, **kw), 40, seed=s, change=(21, slow, 3.0))
             got.append(rounds_to_adapt(run, slow, planner_cap, start=20))
         print(f"| {aname} | {', '.join('never' if g is None else str(g) for g in got)} |")
+    if args.figures:
+        mechanism_figures(Path(args.figures), args.rounds)
+
+
+def mechanism_figures(out: Path, rounds: int) -> None:
+    """Capacity per tier over rounds, finish times against the deadline, capacity per device
+    against the planner's: the paper mix, seed 10, allocator seed 0."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    fleet = SyntheticFleet.paper_mix(80, seed=10)
+    cap = capacity(SPACE)
+    ref = plan(fleet.expected_times(SPACE), SPACE)
+    alloc = Allocator(SPACE, seed=0)
+    rng = np.random.default_rng(0)
+    devices = list(range(fleet.n_devices))
+    tiers = np.array(fleet.tiers)
+    caps, last_times, deadlines = [], None, []
+    for rnd in range(1, rounds + 1):
+        arms = alloc.assign(devices, rnd)
+        deadlines.append(alloc.state_dict()["deadline"])
+        reports = fleet.run_round([arms[d] for d in devices], SPACE, rng)
+        alloc.observe_round(reports)
+        caps.append(cap[[SPACE.index(arms[d]) for d in devices]])
+        last_times = np.array([r.round_time_s for r in reports])
+    caps_arr = np.array(caps)
+    x = np.arange(1, rounds + 1)
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for t, color in zip(("tx2", "nx", "agx"), ("tab:red", "tab:orange", "tab:green"), strict=True):
+        ax.plot(x, caps_arr[:, tiers == t].mean(axis=1), color=color, label=f"{t} (allocator)")
+        ax.axhline(cap[ref.arms[tiers == t]].mean(), color=color, ls="--", lw=1, label=f"{t} (planner)")
+    ax.set(xlabel="round", ylabel="mean capacity (1 - ratio) * log2(2 rank)", title="Capacity per tier")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out / "capacity_per_tier.png", dpi=120)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    order = np.argsort(fleet.speeds)
+    ax.scatter(
+        np.arange(fleet.n_devices),
+        last_times[order],
+        s=10,
+        c="tab:blue",
+        label=f"finish time, round {rounds}",
+    )
+    ax.axhline(deadlines[-1], color="tab:blue", ls="--", lw=1, label="allocator's deadline")
+    ax.axhline(ref.deadline, color="k", ls=":", lw=1, label="planner's deadline (true times)")
+    ax.set(
+        xlabel="device, slowest to fastest",
+        ylabel="round time (s)",
+        title="Finish times against the deadline",
+    )
+    ax.set_ylim(0, max(last_times.max(), ref.deadline) * 1.15)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "finish_vs_deadline.png", dpi=120)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(4.2, 4.2))
+    mine = caps_arr[-10:].mean(axis=0)
+    ax.scatter(cap[ref.arms], mine, s=12, c=np.log(fleet.speeds), cmap="viridis")
+    lim = [0, cap.max() * 1.05]
+    ax.plot(lim, lim, "k:", lw=1)
+    ax.set(
+        xlabel="planner's capacity",
+        ylabel=f"allocator's capacity, rounds {rounds - 9}-{rounds}",
+        title="Capacity per device",
+    )
+    fig.tight_layout()
+    fig.savefig(out / "capacity_vs_planner.png", dpi=120)
+    plt.close(fig)
+    print(f"\nfigures: {', '.join(str(p) for p in sorted(out.glob('*.png')))}")
 
 
 if __name__ == "__main__":
