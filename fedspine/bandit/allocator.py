@@ -39,6 +39,15 @@ OBJECTIVES = ("deadline", "paper")
 # scripts/allocator_vs_planner.py holds out: 1.0 overshoots the planner's makespan by ~7%, 1.05
 # costs ~2% capacity).
 _UNPROVEN_MARGIN = 1.03
+_CONFIG_KEYS = (
+    "safe_slack",
+    "objective",
+    "deadline_slack",
+    "explore_factor",
+    "change_factor",
+    "monotone_pruning",
+    "prune_elasticity",
+)
 DEFAULT_POLICY = {"deadline": "pooled-ucb", "paper": "s-ucb"}
 
 
@@ -114,6 +123,8 @@ class Allocator:
         deadline_slack: float = 0.0,
         explore_factor: float = 1.25,
         change_factor: float | None = 1.5,
+        monotone_pruning: bool = True,
+        prune_elasticity: float = 0.8,
     ):
         if not isinstance(space, ArmSpace):
             raise ValueError(f"space must be an ArmSpace, got {type(space).__name__}")
@@ -133,12 +144,16 @@ class Allocator:
         _check_number(explore_factor, "explore_factor", lo=1.0)
         if change_factor is not None:
             _check_number(change_factor, "change_factor", lo=1.0, lo_open=True)
+        _check_bool(monotone_pruning, "monotone_pruning")
+        _check_number(prune_elasticity, "prune_elasticity", lo=0.0)
         self.space = space
         self.objective = objective
         self.safe_slack = None if safe_slack is None else float(safe_slack)
         self.deadline_slack = float(deadline_slack)
         self.explore_factor = float(explore_factor)
         self.change_factor = None if change_factor is None else float(change_factor)
+        self.monotone_pruning = bool(monotone_pruning)
+        self.prune_elasticity = float(prune_elasticity)
         # The paper objective keeps its original time model exactly (no change detection).
         if objective == "deadline":  # sudden changes are caught by change_factor, so times fade slowly
             self.fleet = FleetModel(len(space), decay=0.98, change_factor=self.change_factor)
@@ -148,6 +163,14 @@ class Allocator:
         self._step = one_step_cheaper(space)
         self._cheapest = int(np.argmin(self._capacity))
         self._arm_ratios = np.array([a.ratio for a in space], dtype=np.float64)
+        self._arm_ranks = np.array([a.rank for a in space], dtype=np.int64)
+        self._grid_ratios = np.array(space.ratios)
+        # A newcomer's first arm: pruning is undone by nothing when devices prune progressively
+        # (the paper's design), so start unpruned at the lowest rank; else on the cheapest arm.
+        unpruned = np.flatnonzero(self._arm_ratios == self._grid_ratios[0])
+        self._start_arm = (
+            int(unpruned[np.argmin(self._arm_ranks[unpruned])]) if self.monotone_pruning else self._cheapest
+        )
         self._arm_index = dict(space.arm_index_map)
         self._arm_by_id = {id(a): i for a, i in self._arm_index.items()}
         self.policy = make_policy(policy or DEFAULT_POLICY[objective], space, **dict(policy_params or {}))
@@ -160,6 +183,7 @@ class Allocator:
         # Per-device scales of the loss gain and update norm (see RewardConfig), by lane.
         self._gain_ref = np.zeros(0)
         self._norm_ref = np.zeros(0)
+        self._floor = np.zeros(0)  # objective "deadline": each lane's pruning so far (monotone)
         # Fleet-level time reference: this round's completion times, and an EMA over past rounds.
         self._time_ref_ema: float | None = None
         self._times_round = 0
@@ -191,6 +215,7 @@ class Allocator:
             self.fleet.add_lanes(len(new))
             self._gain_ref = np.concatenate([self._gain_ref, np.zeros(len(new))])
             self._norm_ref = np.concatenate([self._norm_ref, np.zeros(len(new))])
+            self._floor = np.concatenate([self._floor, np.zeros(len(new))])
             for d, lane in zip(new, self.policy.add_lanes(len(new)), strict=True):
                 self._lanes[d] = int(lane)
         lanes = np.fromiter(map(self._lanes.__getitem__, ids), dtype=np.int64, count=len(ids))
@@ -326,6 +351,10 @@ class Allocator:
             time_ref=time_ref,
         )
         rewards[failed] = 0.0
+        if self.objective == "deadline":  # learn from the arm that actually ran
+            arm_idx = np.where(ok, self._effective_arms(arm_idx, ratios), arm_idx)
+            if self.monotone_pruning:
+                self._floor[lanes[ok]] = np.maximum(self._floor[lanes[ok]], ratios[ok])
         self.policy.update(lanes, arm_idx, rewards)
         self.fleet.observe(lanes[ok], arm_idx[ok], times[ok], scores["quality"][ok])
         self._times = round_times
@@ -341,55 +370,119 @@ class Allocator:
         """Arms each lane may play under the round's deadline, and the deadline (objective
         ``"deadline"``; None while no device's time is known).
 
-        A device never observed gets the cheapest arm: it cannot hold up the round, and one
-        round gives its speed. For the others the fleet time model predicts every arm; an arm
-        nobody has run is guessed from its run neighbours one grid step cheaper (pruning more and
-        a lower rank are never slower), times ``explore_factor``, so exploration creeps up from
-        what is known one step at a time, on the devices with spare time; arms further out wait.
-        The deadline is the slowest device's fastest predicted arm, times ``1 + deadline_slack``;
-        a device predicted to miss it on every arm plays its fastest arm.
+        * A device never observed gets its start arm (unpruned at the lowest rank when pruning
+          is monotone, else the cheapest arm); one round gives its speed.
+        * Times come from the fleet model. An arm nobody has run is guessed from run arms of the
+          same rank: pruning more scales the time by the kept fraction to the power
+          ``prune_elasticity`` (compute and transfer shrink with the pruned structure; ours);
+          pruning less or a rank one step higher costs ``explore_factor`` times its run
+          neighbour one grid step cheaper; a lower rank costs at most what the higher one did.
+        * The deadline is the slowest device's fastest arm (among the arms its pruning so far
+          allows), times ``1 + deadline_slack``.
+        * Each device gets the pruning ratio of the largest arm (by capacity,
+          ``fedspine.bandit.planner``) predicted to meet the deadline, as the planner would
+          choose, and the policy chooses among the ranks at that ratio that meet it. Pruning is
+          never undone, so the ratio is not explored. A device that meets the deadline on no
+          arm plays its fastest.
+        * With ``RewardConfig.target_ratio``, the fleet's mean ratio is held at the target: a
+          longer deadline if the devices would prune more, a common pruning floor if less.
         """
         n, n_arms = lanes.size, len(self.space)
         allowed = np.zeros((n, n_arms), dtype=bool)
         theta, phi = self.fleet.fit()
         known = ~np.isnan(theta[lanes])
-        allowed[~known, self._cheapest] = True
-        run = ~np.isnan(phi)
-        if not known.any() or not run.any():
-            allowed[known, self._cheapest] = True
+        allowed[~known, self._start_arm] = True
+        guess = self._guess_arm_costs(phi)
+        if not known.any() or np.isnan(guess).all():
+            allowed[known, self._start_arm] = True
             return allowed, None
         lanes_k = lanes[known]
         pred = self.fleet.predict_blended(lanes_k, prior_weight=0.25, fitted=(theta, phi))
-        bound = np.where(self._step & run[None, :], phi[None, :], -np.inf).max(axis=1)
-        guess = np.exp(theta[lanes_k, None] + bound[None, :]) * self.explore_factor  # exp(-inf) = 0
-        guess[:, np.isinf(bound)] = np.inf  # nothing known below it: not yet
         # a pooled prediction for an arm the device has not run itself carries the model's error
         unproven = self.fleet.weight[lanes_k] < 0.5
-        pred = np.where(run[None, :], np.where(unproven, pred * _UNPROVEN_MARGIN, pred), guess)
+        pred = np.where(unproven, pred * _UNPROVEN_MARGIN, pred)
+        pred = np.where(np.isnan(phi)[None, :], np.exp(theta[lanes_k, None] + guess[None, :]), pred)
+        pred = np.where(np.isnan(pred), np.inf, pred)
+        pred[self._arm_ratios[None, :] < self._floor[lanes_k, None] - 1e-9] = np.inf  # pruned already
         fastest = pred.min(axis=1)
-        deadline = float(fastest.max()) * (1.0 + self.deadline_slack)
-        ok = pred <= deadline * (1 + 1e-9)
-        ok[np.arange(lanes_k.size), pred.argmin(axis=1)] = True
-        if self.reward.target_ratio:
-            ok = self._sparsity_floor(ok)
+        deadline = float(fastest[np.isfinite(fastest)].max(initial=0.0)) * (1.0 + self.deadline_slack)
+        if deadline <= 0.0:
+            allowed[known, self._start_arm] = True
+            return allowed, None
+        fits, ok = self._fit_deadline(pred, deadline)
+        target = self.reward.target_ratio
+        if target and self._arm_ratios[ok.argmax(axis=1)].mean() > target + 1e-9:
+            # a sparsity target below what this deadline needs: lengthen the round until it holds
+            for factor in np.geomspace(1.02, max(2.0, float(pred[np.isfinite(pred)].max() / deadline)), 40):
+                fits, ok = self._fit_deadline(pred, deadline * factor)
+                if self._arm_ratios[ok.argmax(axis=1)].mean() <= target + 1e-9:
+                    deadline *= float(factor)
+                    break
+        elif target:
+            ok = self._sparsity_floor(fits, ok)
         allowed[known] = ok
         return allowed, deadline
 
-    def _sparsity_floor(self, ok: np.ndarray) -> np.ndarray:
-        """Pin each device's ratio to ``max(floor, the least it can prune in time)``, with the
-        lowest common floor whose fleet mean reaches ``target_ratio`` (ours): the pace setters
-        prune what the deadline needs, everyone else exactly the floor; the policy picks the rank."""
+    def _fit_deadline(self, pred: np.ndarray, deadline: float) -> tuple[np.ndarray, np.ndarray]:
+        """Arms predicted to meet ``deadline`` (a device that meets it on none: its fastest), and
+        among them those at the ratio of the largest arm that fits, as the planner would choose
+        (ties: the least pruning, which is never undone)."""
+        fits = pred <= deadline * (1 + 1e-9)
+        fits[np.arange(pred.shape[0]), pred.argmin(axis=1)] |= ~fits.any(axis=1)
+        score = np.where(fits, self._capacity[None, :] - 1e-9 * self._arm_ratios[None, :], -np.inf)
+        chosen = self._arm_ratios[score.argmax(axis=1)]
+        return fits, fits & np.isclose(self._arm_ratios[None, :], chosen[:, None])
+
+    def _guess_arm_costs(self, phi: np.ndarray) -> np.ndarray:
+        """Arm costs (log-time effects) with the arms nobody has run guessed from run ones of
+        the same rank, as :meth:`deadline_arms` describes; NaN where nothing is known yet."""
+        out = phi.copy()
+        run = ~np.isnan(phi)
+        ratios, ranks = self._arm_ratios, self._arm_ranks
+        same_rank = ranks[:, None] == ranks[None, :]
+        # pruning more than a run arm: the nearest run arm of the same rank that prunes less
+        less = same_rank & (ratios[None, :] < ratios[:, None] - 1e-12) & run[None, :]
+        ref = np.where(less, ratios[None, :], -np.inf).argmax(axis=1)
+        has = less.any(axis=1) & ~run
+        kept = np.log((1 - ratios[has]) / (1 - ratios[ref[has]]))
+        out[has] = phi[ref[has]] + self.prune_elasticity * kept
+        # heavier by one grid step than a run arm
+        heavier = self._step & run[None, :]
+        bound = np.where(heavier, phi[None, :], -np.inf).max(axis=1)
+        take = np.isnan(out) & heavier.any(axis=1)
+        out[take] = bound[take] + np.log(self.explore_factor)
+        # a lower rank than a run arm at the same ratio: no slower than it
+        same_ratio_higher = (
+            np.isclose(ratios[:, None], ratios[None, :]) & (ranks[None, :] > ranks[:, None]) & run[None, :]
+        )
+        upper = np.where(same_ratio_higher, phi[None, :], np.inf).min(axis=1)
+        take = np.isnan(out) & same_ratio_higher.any(axis=1)
+        out[take] = upper[take]
+        return out
+
+    def _effective_arms(self, arm_idx: np.ndarray, achieved: np.ndarray) -> np.ndarray:
+        """The arm that ran: the assigned rank at the grid ratio nearest to the achieved one
+        (a device already pruned further than its arm ran at its own sparsity)."""
+        nearest = self._grid_ratios[np.abs(achieved[:, None] - self._grid_ratios[None, :]).argmin(axis=1)]
+        want = np.isclose(self._arm_ratios[None, :], nearest[:, None]) & (
+            self._arm_ranks[None, :] == self._arm_ranks[arm_idx][:, None]
+        )
+        return np.where(want.any(axis=1), want.argmax(axis=1), arm_idx)
+
+    def _sparsity_floor(self, fits: np.ndarray, least: np.ndarray) -> np.ndarray:
+        """With a sparsity target: pin each device's ratio to ``max(floor, the least it can
+        prune in time)`` with the lowest common floor whose fleet mean reaches ``target_ratio``
+        (ours). The pace setters prune what the deadline needs, the others exactly the floor;
+        the policy picks the rank. ``least`` is the allowed set without a target."""
         ratios = self._arm_ratios
-        least = np.where(ok, ratios[None, :], np.inf).min(axis=1)
-        pinned = least
+        need = np.where(least, ratios[None, :], np.inf).min(axis=1)
+        pinned = need
         for floor in sorted(set(ratios.tolist())):
-            # the least-pruning allowed ratio at or above the floor (or the most-pruning allowed one)
-            above = np.where(ok & (ratios[None, :] >= floor - 1e-12), ratios[None, :], np.inf).min(axis=1)
-            most = np.where(ok, ratios[None, :], -np.inf).max(axis=1)
-            pinned = np.where(np.isfinite(above), above, most)
+            above = np.where(fits & (ratios[None, :] >= floor - 1e-12), ratios[None, :], np.inf).min(axis=1)
+            pinned = np.where(np.isfinite(above), np.maximum(above, need), need)
             if pinned.mean() >= self.reward.target_ratio - 1e-9:
                 break
-        return ok & np.isclose(ratios[None, :], pinned[:, None])
+        return fits & np.isclose(ratios[None, :], pinned[:, None])
 
     def safe_arms(self, lanes: np.ndarray) -> np.ndarray | None:
         """Arms each lane may explore, or None when the fleet model cannot tell yet.
@@ -475,7 +568,10 @@ class Allocator:
             "deadline_slack": self.deadline_slack,
             "explore_factor": self.explore_factor,
             "change_factor": self.change_factor,
+            "monotone_pruning": self.monotone_pruning,
+            "prune_elasticity": self.prune_elasticity,
             "deadline": self._deadline,
+            "floor": self._floor.tolist(),
             "rng": self.rng.bit_generator.state,
             "fleet": self.fleet.state_dict(),
             "policy": self.policy.state_dict(),
@@ -498,7 +594,7 @@ class Allocator:
             raise ValueError(f"state reward config {state['reward']} differs from {self.reward.to_dict()}")
         if state["policy"]["policy"] != self.policy.name:
             raise ValueError(f"state is for policy {state['policy']['policy']!r}, not {self.policy.name!r}")
-        for name in ("safe_slack", "objective", "deadline_slack", "explore_factor", "change_factor"):
+        for name in _CONFIG_KEYS:
             if state[name] != getattr(self, name):
                 raise ValueError(f"state {name} {state[name]!r} differs from {getattr(self, name)!r}")
         self.policy.load_state_dict(state["policy"])
@@ -516,6 +612,7 @@ class Allocator:
         self._times_round = int(state["times_round"])
         self._times = [float(x) for x in state["times"]]
         self._deadline = None if state["deadline"] is None else float(state["deadline"])
+        self._floor = np.asarray(state["floor"], dtype=np.float64)
 
     @classmethod
     def from_state_dict(cls, state: Mapping[str, Any]) -> Allocator:
@@ -529,11 +626,7 @@ class Allocator:
             policy_params=pol["params"],
             reward=RewardConfig(**state["reward"]),
             seed=int(state["seed"]),
-            safe_slack=state["safe_slack"],
-            objective=state["objective"],
-            deadline_slack=state["deadline_slack"],
-            explore_factor=state["explore_factor"],
-            change_factor=state["change_factor"],
+            **{k: state[k] for k in _CONFIG_KEYS},
         )
         alloc.load_state_dict(state)
         return alloc

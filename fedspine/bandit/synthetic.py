@@ -168,24 +168,39 @@ def simulate(
     seed: int = 0,
     change: tuple[int, Sequence[int], float] | None = None,
     first_round: int = 1,
+    monotone: bool = True,
 ) -> dict[str, np.ndarray]:
     """Run ``rounds`` rounds of the allocator on the fleet; per-round makespan and arms.
 
     ``change = (round, devices, factor)`` makes those devices ``factor`` times slower in compute
     and bandwidth from that round on (thermal throttling, a worse link); the allocator is not told.
-    ``first_round`` continues an allocator that has already run rounds.
+    ``first_round`` continues an allocator that has already run rounds. With ``monotone``
+    (fedspine's devices prune progressively), a device never prunes less than it already has:
+    it runs at ``max(assigned ratio, its sparsity)`` and reports that as ``achieved_ratio``;
+    ``arms`` holds the arms that actually ran.
     """
     rng = np.random.default_rng(seed)
+    space = allocator.space
     devices = list(range(fleet.n_devices))
+    sparsity = np.zeros(fleet.n_devices)
     makespans, arm_log = [], []
     for rnd in range(first_round, first_round + rounds):
         if change is not None and rnd == change[0]:
             fleet = fleet.slowed(change[1], change[2])
         arms = allocator.assign(devices, rnd)
-        reports = fleet.run_round([arms[d] for d in devices], allocator.space, rng)
+        ran = [
+            Arm(max(arms[d].ratio, sparsity[d]) if monotone else arms[d].ratio, arms[d].rank) for d in devices
+        ]
+        reports = fleet.run_round(ran, space, rng)
+        if monotone:
+            sparsity = np.maximum(sparsity, [a.ratio for a in ran])
+            reports = [
+                replace(r, arm=arms[r.device_id], achieved_ratio=a.ratio)
+                for r, a in zip(reports, ran, strict=True)
+            ]
         allocator.observe_round(reports)
         makespans.append(max(r.round_time_s for r in reports))  # type: ignore[type-var]
-        arm_log.append([allocator.space.index(arms[d]) for d in devices])
+        arm_log.append([space.index(a) for a in ran])
     return {"makespan": np.array(makespans), "arms": np.array(arm_log)}
 
 

@@ -14,7 +14,8 @@ from fedspine.bandit.synthetic import (
 )
 
 SPACE = ArmSpace.grid([round(0.1 * i, 1) for i in range(8)], [4, 8, 16, 32])
-PAPER = "paper"  # these headline tests document the paper-style reconstruction (objective "paper");
+PAPER = "paper"  # these headline tests document the paper-style reconstruction (objective "paper"),
+# on devices that may prune less again (simulate(monotone=False)), the setting it was built for;
 # the default objective, "deadline", is measured against the planner in test_deadline.py
 
 
@@ -37,7 +38,9 @@ def test_makespan_after_30_rounds_within_15_percent_of_the_oracle(fleet):
     device's best arm under the same reward. Rounds 31-50, three seeds each."""
     oracle = oracle_makespans(fleet, SPACE, RewardConfig(), rounds=20, seed=123).mean()
     for seed in range(3):
-        run = simulate(fleet, Allocator(SPACE, seed=seed, objective=PAPER), rounds=50, seed=seed)
+        run = simulate(
+            fleet, Allocator(SPACE, seed=seed, objective=PAPER), rounds=50, seed=seed, monotone=False
+        )
         learnt = run["makespan"][30:].mean()
         assert learnt <= 1.15 * oracle, (seed, learnt, oracle)
 
@@ -45,11 +48,11 @@ def test_makespan_after_30_rounds_within_15_percent_of_the_oracle(fleet):
 def test_without_the_fleet_model_per_device_exploration_stalls_the_round(fleet):
     """Documents why safe exploration exists: pure per-device S-UCB (the paper's structure as we
     reconstruct it) keeps some slow device exploring a heavy arm in most rounds."""
-    with_model = simulate(fleet, Allocator(SPACE, seed=0, objective=PAPER), rounds=50, seed=0)["makespan"][
-        30:
-    ].mean()
+    with_model = simulate(
+        fleet, Allocator(SPACE, seed=0, objective=PAPER), rounds=50, seed=0, monotone=False
+    )["makespan"][30:].mean()
     per_device = simulate(
-        fleet, Allocator(SPACE, seed=0, safe_slack=None, objective=PAPER), rounds=50, seed=0
+        fleet, Allocator(SPACE, seed=0, safe_slack=None, objective=PAPER), rounds=50, seed=0, monotone=False
     )["makespan"][30:].mean()
     assert per_device > 2 * with_model
 
