@@ -12,41 +12,43 @@ import numpy as np
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from fedspine.bandit import POLICIES, Allocator, Arm, ArmSpace, RewardConfig
-    from fedspine.bandit.synthetic import SyntheticFleet, oracle_arms, oracle_makespans
+    from fedspine.bandit import POLICIES, Allocator, ArmSpace
+    from fedspine.bandit.planner import capacity, plan
+    from fedspine.bandit.synthetic import SyntheticFleet, fixed_makespans
 
-    if args.policy not in POLICIES:
+    if args.policy is not None and args.policy not in POLICIES:
         print(f"error: --policy must be one of {sorted(POLICIES)}, got {args.policy!r}", file=sys.stderr)
         return 2
     space = ArmSpace.grid([round(0.1 * i, 1) for i in range(8)], [4, 8, 16, 32])
     fleet = SyntheticFleet.paper_mix(args.devices, seed=args.seed)
-    reward = RewardConfig()
     alloc = Allocator(
         space,
         policy=args.policy,
-        reward=reward,
         seed=args.seed,
+        objective=args.objective,
         safe_slack=None if args.no_safe else args.safe_slack,
     )
     tiers = np.array(fleet.tiers)
     devices = list(range(fleet.n_devices))
     rng = np.random.default_rng(args.seed + 1)
+    cap = capacity(space)
     print(
-        f"fedspine demo: {fleet.n_devices} devices (tiers {_counts(tiers)}), "
-        f"{len(space)} arms, policy {args.policy}, safe exploration "
-        f"{'off' if args.no_safe else f'on (slack {args.safe_slack})'}; "
-        "device speeds are hidden from the allocator"
+        f"fedspine demo: {fleet.n_devices} devices (tiers {_counts(tiers)}), {len(space)} arms, "
+        f"objective {args.objective}, policy {alloc.policy.name}"
+        + (f", safe cap {'off' if args.no_safe else args.safe_slack}" if args.objective == "paper" else "")
+        + "; device speeds are hidden from the allocator"
     )
-    header = f"{'round':>5} {'makespan s':>11}  " + "  ".join(
+    header = f"{'round':>5} {'makespan s':>11} {'capacity':>9}  " + "  ".join(
         f"{t + ' (ratio, rank)':>22}" for t in np.unique(tiers)
     )
     print(header)
-    makespans = []
+    makespans, capacities = [], []
     for rnd in range(1, args.rounds + 1):
         arms = alloc.assign(devices, rnd)
         reports = fleet.run_round([arms[d] for d in devices], space, rng)
         alloc.observe_round(reports)
         makespans.append(max(r.round_time_s for r in reports))
+        capacities.append(np.mean([cap[space.index(arms[d])] for d in devices]))
         if rnd == 1 or rnd % args.every == 0 or rnd == args.rounds:
             cols = []
             for t in np.unique(tiers):
@@ -54,25 +56,22 @@ def _demo(args: argparse.Namespace) -> int:
                 cols.append(
                     f"{np.mean([a.ratio for a in mine]):>13.2f}, {np.mean([a.rank for a in mine]):>6.1f}"
                 )
-            print(f"{rnd:>5} {makespans[-1]:>11.2f}  " + "  ".join(f"{c:>22}" for c in cols))
+            print(
+                f"{rnd:>5} {makespans[-1]:>11.2f} {capacities[-1]:>9.2f}  "
+                + "  ".join(f"{c:>22}" for c in cols)
+            )
     tail = max(1, args.rounds // 3)
-    learnt = float(np.mean(makespans[-tail:]))
-    oracle = float(oracle_makespans(fleet, space, reward, rounds=tail, seed=args.seed + 2).mean())
-    best = oracle_arms(fleet, space, reward)
+    learnt, learnt_cap = float(np.mean(makespans[-tail:])), float(np.mean(capacities[-tail:]))
+    ref = plan(fleet.expected_times(space), space)
+    ref_makespan = float(fixed_makespans(fleet, space, ref.arms, tail, rng).mean())
+    ref_cap = float(cap[ref.arms].mean())
     print(
-        f"\nmean makespan, last {tail} rounds: {learnt:.2f} s; oracle that knows every speed: {oracle:.2f} s "
-        f"(ratio {learnt / oracle:.3f})"
+        f"\nlast {tail} rounds: mean makespan {learnt:.2f} s, capacity {learnt_cap:.2f}; planner that knows "
+        f"every speed: {ref_makespan:.2f} s, capacity {ref_cap:.2f} "
+        f"(ratios {learnt / ref_makespan:.3f} and {learnt_cap / ref_cap:.3f})"
     )
-    for arm in (Arm(0.0, 32), Arm(0.0, 8), Arm(0.5, 8)):
-        fixed = np.mean(
-            [
-                max(r.round_time_s for r in fleet.run_round([arm] * fleet.n_devices, space, rng))
-                for _ in range(tail)
-            ]
-        )
-        print(f"everyone on {arm}: {fixed:.2f} s per round -> allocator is {fixed / learnt:.2f}x faster")
-    per_tier = {str(t): str(space[int(np.bincount(best[tiers == t]).argmax())]) for t in np.unique(tiers)}
-    print("oracle arm per tier:", per_tier)
+    per_tier = {str(t): str(space[int(np.bincount(ref.arms[tiers == t]).argmax())]) for t in np.unique(tiers)}
+    print("planner's most common arm per tier:", per_tier)
     return 0
 
 
@@ -129,11 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--devices", type=int, default=80, help="fleet size, split 30:40:10 like the paper's testbed"
     )
-    demo.add_argument("--rounds", type=int, default=60)
-    demo.add_argument("--policy", default="s-ucb")
+    demo.add_argument("--rounds", type=int, default=30)
+    demo.add_argument("--objective", default="deadline", choices=["deadline", "paper"])
+    demo.add_argument("--policy", default=None, help="default: pooled-ucb (deadline) or s-ucb (paper)")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--safe-slack", type=float, default=0.05)
-    demo.add_argument("--no-safe", action="store_true", help="per-device bandits only, no fleet time model")
+    demo.add_argument("--safe-slack", type=float, default=0.05, help="objective paper: the safe cap's slack")
+    demo.add_argument("--no-safe", action="store_true", help="objective paper: per-device bandits only")
     demo.add_argument("--every", type=int, default=10, help="print every N rounds")
     demo.set_defaults(func=_demo)
     run = sub.add_parser("run", help="a federated simulation from a YAML/TOML config plus overrides")

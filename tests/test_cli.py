@@ -26,7 +26,10 @@ def test_run_rejects_a_bad_config_before_any_work(capsys):
 
 def test_demo_runs(capsys):
     assert main(["demo", "--devices", "20", "--rounds", "12", "--every", "6"]) == 0
-    assert "oracle that knows every speed" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "objective deadline, policy pooled-ucb" in out and "planner that knows every speed" in out
+    assert main(["demo", "--devices", "20", "--rounds", "6", "--objective", "paper", "--no-safe"]) == 0
+    assert "objective paper, policy s-ucb, safe cap off" in capsys.readouterr().out
 
 
 def test_resume_continues_a_run_from_its_checkpoint(tmp_path):

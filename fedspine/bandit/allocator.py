@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import repeat
 from operator import attrgetter
 from typing import Any
@@ -14,6 +14,7 @@ import numpy as np
 
 from fedspine.bandit.arms import Arm, ArmSpace
 from fedspine.bandit.fleet import FleetModel
+from fedspine.bandit.planner import capacity, one_step_cheaper
 from fedspine.bandit.policies import POLICIES, make_policy
 from fedspine.bandit.reward import RewardConfig, combine, loss_gain, time_score
 
@@ -31,7 +32,14 @@ _REPORT_FIELDS = (
     "failed",
 )
 _report_fields = attrgetter(*_REPORT_FIELDS)
-_STATE_VERSION = 1
+_STATE_VERSION = 2
+OBJECTIVES = ("deadline", "paper")
+# Objective "deadline": an arm a device has not run itself is admitted only if its pooled predicted
+# time, times this margin, meets the deadline (ours; chosen on the synthetic fleets that
+# scripts/allocator_vs_planner.py holds out: 1.0 overshoots the planner's makespan by ~7%, 1.05
+# costs ~2% capacity).
+_UNPROVEN_MARGIN = 1.03
+DEFAULT_POLICY = {"deadline": "pooled-ucb", "paper": "s-ucb"}
 
 
 @dataclass(frozen=True)
@@ -56,10 +64,26 @@ class RoundReport:
 class Allocator:
     """Chooses every device's arm each round and learns from what the round reported.
 
-    It knows nothing about device speed or bandwidth: each device has its own bandit (a lane of
-    ``policy``), fed with the reward of :class:`~fedspine.bandit.reward.RewardConfig`. All
-    randomness comes from ``seed``; :meth:`state_dict` is plain JSON and a restored allocator
-    makes exactly the same future choices.
+    It knows nothing about device speed or bandwidth: it learns them from reported round times.
+    Each device is a lane of ``policy``, fed with the reward of
+    :class:`~fedspine.bandit.reward.RewardConfig`. All randomness comes from ``seed``;
+    :meth:`state_dict` is plain JSON and a restored allocator makes exactly the same choices.
+
+    ``objective`` says what the allocation serves (both ours; see README "The allocator"):
+
+    * ``"deadline"`` (default): time to accuracy. A round lasts as long as its slowest device,
+      so each round gets one deadline, the shortest every device is predicted to meet (the
+      slowest device's fastest arm, times ``1 + deadline_slack``), learnt from the fleet time
+      model (:mod:`fedspine.bandit.fleet`). A device may play any arm predicted to finish by it,
+      so a fast device's spare time becomes capacity and only the pace-setters prune hard; the
+      policy (default ``pooled-ucb``, which pools what each arm buys over the fleet) chooses
+      among those arms. The reward's time term is relative to the deadline: finishing within it
+      costs nothing. An arm nobody has run is guessed from its run neighbours one grid step
+      cheaper, times ``explore_factor``. With ``RewardConfig.target_ratio`` set, a common pruning floor
+      keeps the fleet's mean ratio at or above it (equal-sparsity comparisons).
+    * ``"paper"``: the FedSpine paper's structure as we reconstruct it: per-device bandits
+      (default ``s-ucb``) on the reward with its 0.25-quantile time reference, optionally
+      capped by ``safe_slack`` below. Kept for ablations and honesty.
 
     Use it inside any FL loop::
 
@@ -73,20 +97,23 @@ class Allocator:
     history; an assignment never observed by the next :meth:`assign` counts as a failure
     (reward 0). Rejected calls raise ``ValueError`` naming the argument and change nothing.
 
-    ``safe_slack`` (ours, not in the paper) turns on safe exploration: a fleet-wide model of
-    round times (:mod:`fedspine.bandit.fleet`) keeps every device's exploration under the
-    round's predicted makespan, times ``1 + safe_slack``. ``None`` leaves pure per-device
-    bandits, the paper's structure.
+    ``safe_slack`` (objective ``"paper"``; ours, not in the paper) turns on safe exploration: the
+    fleet time model keeps every device's exploration under the round's predicted makespan at
+    the reward-optimal arms, times ``1 + safe_slack``. ``None`` leaves pure per-device bandits.
     """
 
     def __init__(
         self,
         space: ArmSpace,
-        policy: str = "s-ucb",
+        policy: str | None = None,
         policy_params: Mapping[str, Any] | None = None,
         reward: RewardConfig | None = None,
         seed: int = 0,
         safe_slack: float | None = 0.05,
+        objective: str = "deadline",
+        deadline_slack: float = 0.0,
+        explore_factor: float = 1.25,
+        change_factor: float | None = 1.5,
     ):
         if not isinstance(space, ArmSpace):
             raise ValueError(f"space must be an ArmSpace, got {type(space).__name__}")
@@ -100,13 +127,30 @@ class Allocator:
             or not 0 <= safe_slack < math.inf
         ):
             raise ValueError(f"safe_slack must be None (off) or a number >= 0, got {safe_slack!r}")
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {list(OBJECTIVES)}, got {objective!r}")
+        _check_number(deadline_slack, "deadline_slack", lo=0.0)
+        _check_number(explore_factor, "explore_factor", lo=1.0)
+        if change_factor is not None:
+            _check_number(change_factor, "change_factor", lo=1.0, lo_open=True)
         self.space = space
+        self.objective = objective
         self.safe_slack = None if safe_slack is None else float(safe_slack)
-        self.fleet = FleetModel(len(space))
+        self.deadline_slack = float(deadline_slack)
+        self.explore_factor = float(explore_factor)
+        self.change_factor = None if change_factor is None else float(change_factor)
+        # The paper objective keeps its original time model exactly (no change detection).
+        if objective == "deadline":  # sudden changes are caught by change_factor, so times fade slowly
+            self.fleet = FleetModel(len(space), decay=0.98, change_factor=self.change_factor)
+        else:
+            self.fleet = FleetModel(len(space))
+        self._capacity = capacity(space)
+        self._step = one_step_cheaper(space)
+        self._cheapest = int(np.argmin(self._capacity))
         self._arm_ratios = np.array([a.ratio for a in space], dtype=np.float64)
         self._arm_index = dict(space.arm_index_map)
         self._arm_by_id = {id(a): i for a, i in self._arm_index.items()}
-        self.policy = make_policy(policy, space, **dict(policy_params or {}))
+        self.policy = make_policy(policy or DEFAULT_POLICY[objective], space, **dict(policy_params or {}))
         self.reward = reward or RewardConfig()
         self.seed = int(seed)
         self.rng = np.random.Generator(np.random.PCG64(self.seed))
@@ -120,6 +164,8 @@ class Allocator:
         self._time_ref_ema: float | None = None
         self._times_round = 0
         self._times: list[float] = []
+        # objective "deadline": the deadline set for the current round (None until times are known)
+        self._deadline: float | None = None
 
     # --- choosing ------------------------------------------------------------------------------
     def assign(self, device_ids: Iterable[DeviceId], round: int) -> dict[DeviceId, Arm]:
@@ -148,7 +194,10 @@ class Allocator:
             for d, lane in zip(new, self.policy.add_lanes(len(new)), strict=True):
                 self._lanes[d] = int(lane)
         lanes = np.fromiter(map(self._lanes.__getitem__, ids), dtype=np.int64, count=len(ids))
-        allowed = None if self.safe_slack is None else self.safe_arms(lanes)
+        if self.objective == "deadline":
+            allowed, self._deadline = self.deadline_arms(lanes)
+        else:
+            allowed = None if self.safe_slack is None else self.safe_arms(lanes)
         arms = self.policy.select(lanes, self.rng, allowed).tolist()
         self._pending.update(zip(ids, zip(repeat(round), arms, strict=False), strict=True))
         return dict(zip(ids, map(self.space.arms.__getitem__, arms), strict=True))
@@ -243,19 +292,37 @@ class Allocator:
         has_norm = ok & ~np.isnan(norms)
         norm_ref = np.where(has_norm, np.maximum(np.nan_to_num(norms), decay * old_norm_ref), old_norm_ref)
         round_times = [*self._times, *times[ok].tolist()]
-        if whole_round or self._time_ref_ema is None:
+        reward_cfg = self.reward
+        if self.objective == "deadline":
+            # Finishing by the round's deadline costs nothing; pruning counts only toward a target.
+            if self._deadline is not None:
+                time_ref = self._deadline
+            else:
+                time_ref = max(round_times) if whole_round and round_times else math.inf
+            # Finishing in time is guaranteed by the deadline, so the base share would only
+            # compress what arms buy; without a sparsity target, pruning earns nothing by itself.
+            prune_w = reward_cfg.prune_weight if reward_cfg.target_ratio else 0.0
+            if reward_cfg.loss_weight + prune_w + reward_cfg.update_weight > 0:
+                reward_cfg = replace(reward_cfg, base_weight=0.0, prune_weight=prune_w)
+        elif whole_round or self._time_ref_ema is None:
             time_ref = float(np.quantile(round_times, self.reward.time_quantile)) if round_times else 1.0
         else:
             time_ref = self._time_ref_ema
+        gain_scale, norm_scale = gain_ref, norm_ref
+        if self.objective == "deadline":
+            # One fleet-wide scale: a device's own best gain moves with the arms it plays, which
+            # would blur what the arms buy; device effects are the pooled policy's job.
+            gain_scale = float(max(self._gain_ref.max(initial=0.0), gain_ref.max(initial=0.0)))
+            norm_scale = float(max(self._norm_ref.max(initial=0.0), norm_ref.max(initial=0.0)))
         rewards, scores = combine(
-            self.reward,
+            reward_cfg,
             gain=gains,
             ratio=ratios,
             target_ratio=self.reward.target_ratio or self.space.max_ratio,
             update_norm=np.where(ok, norms, np.nan),
             round_time_s=np.where(ok, times, 1.0),
-            gain_ref=gain_ref,
-            norm_ref=norm_ref,
+            gain_ref=gain_scale,
+            norm_ref=norm_scale,
             time_ref=time_ref,
         )
         rewards[failed] = 0.0
@@ -269,6 +336,60 @@ class Allocator:
             for d in ids:
                 del self._pending[d]
         return dict(zip(ids, rewards.tolist(), strict=True))
+
+    def deadline_arms(self, lanes: np.ndarray) -> tuple[np.ndarray, float | None]:
+        """Arms each lane may play under the round's deadline, and the deadline (objective
+        ``"deadline"``; None while no device's time is known).
+
+        A device never observed gets the cheapest arm: it cannot hold up the round, and one
+        round gives its speed. For the others the fleet time model predicts every arm; an arm
+        nobody has run is guessed from its run neighbours one grid step cheaper (pruning more and
+        a lower rank are never slower), times ``explore_factor``, so exploration creeps up from
+        what is known one step at a time, on the devices with spare time; arms further out wait.
+        The deadline is the slowest device's fastest predicted arm, times ``1 + deadline_slack``;
+        a device predicted to miss it on every arm plays its fastest arm.
+        """
+        n, n_arms = lanes.size, len(self.space)
+        allowed = np.zeros((n, n_arms), dtype=bool)
+        theta, phi = self.fleet.fit()
+        known = ~np.isnan(theta[lanes])
+        allowed[~known, self._cheapest] = True
+        run = ~np.isnan(phi)
+        if not known.any() or not run.any():
+            allowed[known, self._cheapest] = True
+            return allowed, None
+        lanes_k = lanes[known]
+        pred = self.fleet.predict_blended(lanes_k, prior_weight=0.25, fitted=(theta, phi))
+        bound = np.where(self._step & run[None, :], phi[None, :], -np.inf).max(axis=1)
+        guess = np.exp(theta[lanes_k, None] + bound[None, :]) * self.explore_factor  # exp(-inf) = 0
+        guess[:, np.isinf(bound)] = np.inf  # nothing known below it: not yet
+        # a pooled prediction for an arm the device has not run itself carries the model's error
+        unproven = self.fleet.weight[lanes_k] < 0.5
+        pred = np.where(run[None, :], np.where(unproven, pred * _UNPROVEN_MARGIN, pred), guess)
+        fastest = pred.min(axis=1)
+        deadline = float(fastest.max()) * (1.0 + self.deadline_slack)
+        ok = pred <= deadline * (1 + 1e-9)
+        ok[np.arange(lanes_k.size), pred.argmin(axis=1)] = True
+        if self.reward.target_ratio:
+            ok = self._sparsity_floor(ok)
+        allowed[known] = ok
+        return allowed, deadline
+
+    def _sparsity_floor(self, ok: np.ndarray) -> np.ndarray:
+        """Pin each device's ratio to ``max(floor, the least it can prune in time)``, with the
+        lowest common floor whose fleet mean reaches ``target_ratio`` (ours): the pace setters
+        prune what the deadline needs, everyone else exactly the floor; the policy picks the rank."""
+        ratios = self._arm_ratios
+        least = np.where(ok, ratios[None, :], np.inf).min(axis=1)
+        pinned = least
+        for floor in sorted(set(ratios.tolist())):
+            # the least-pruning allowed ratio at or above the floor (or the most-pruning allowed one)
+            above = np.where(ok & (ratios[None, :] >= floor - 1e-12), ratios[None, :], np.inf).min(axis=1)
+            most = np.where(ok, ratios[None, :], -np.inf).max(axis=1)
+            pinned = np.where(np.isfinite(above), above, most)
+            if pinned.mean() >= self.reward.target_ratio - 1e-9:
+                break
+        return ok & np.isclose(ratios[None, :], pinned[:, None])
 
     def safe_arms(self, lanes: np.ndarray) -> np.ndarray | None:
         """Arms each lane may explore, or None when the fleet model cannot tell yet.
@@ -350,6 +471,11 @@ class Allocator:
             "reward": self.reward.to_dict(),
             "seed": self.seed,
             "safe_slack": self.safe_slack,
+            "objective": self.objective,
+            "deadline_slack": self.deadline_slack,
+            "explore_factor": self.explore_factor,
+            "change_factor": self.change_factor,
+            "deadline": self._deadline,
             "rng": self.rng.bit_generator.state,
             "fleet": self.fleet.state_dict(),
             "policy": self.policy.state_dict(),
@@ -372,8 +498,9 @@ class Allocator:
             raise ValueError(f"state reward config {state['reward']} differs from {self.reward.to_dict()}")
         if state["policy"]["policy"] != self.policy.name:
             raise ValueError(f"state is for policy {state['policy']['policy']!r}, not {self.policy.name!r}")
-        if state["safe_slack"] != self.safe_slack:
-            raise ValueError(f"state safe_slack {state['safe_slack']!r} differs from {self.safe_slack!r}")
+        for name in ("safe_slack", "objective", "deadline_slack", "explore_factor", "change_factor"):
+            if state[name] != getattr(self, name):
+                raise ValueError(f"state {name} {state[name]!r} differs from {getattr(self, name)!r}")
         self.policy.load_state_dict(state["policy"])
         self.fleet.load_state_dict(state["fleet"])
         self.seed = int(state["seed"])
@@ -388,6 +515,7 @@ class Allocator:
         self._time_ref_ema = None if ema is None else float(ema)
         self._times_round = int(state["times_round"])
         self._times = [float(x) for x in state["times"]]
+        self._deadline = None if state["deadline"] is None else float(state["deadline"])
 
     @classmethod
     def from_state_dict(cls, state: Mapping[str, Any]) -> Allocator:
@@ -402,6 +530,10 @@ class Allocator:
             reward=RewardConfig(**state["reward"]),
             seed=int(state["seed"]),
             safe_slack=state["safe_slack"],
+            objective=state["objective"],
+            deadline_slack=state["deadline_slack"],
+            explore_factor=state["explore_factor"],
+            change_factor=state["change_factor"],
         )
         alloc.load_state_dict(state)
         return alloc
@@ -429,6 +561,12 @@ def _check_ids(ids: Iterable[Any], what: str) -> list[DeviceId]:
         dup = sorted({str(d) for d in out if out.count(d) > 1})
         raise ValueError(f"{what}: duplicate device ids {dup}")
     return out
+
+
+def _check_number(v: Any, name: str, *, lo: float, lo_open: bool = False) -> None:
+    bad = isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v)
+    if bad or v < lo or (lo_open and v == lo):
+        raise ValueError(f"{name} must be a finite number {'>' if lo_open else '>='} {lo}, got {v!r}")
 
 
 def _check_bool(v: Any, name: str) -> bool:

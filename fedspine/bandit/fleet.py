@@ -1,21 +1,17 @@
-r"""Fleet-level model of round times and arm quality, used to keep exploration from creating
-stragglers (ours, not in the FedSpine paper).
+r"""Fleet-level models that pool what every device reports (ours, not in the FedSpine paper).
 
 Per-device bandits learn each device on its own; a round, however, lasts as long as its
-slowest device, so one slow device trying a heavy arm stalls everyone. Yet the *relative*
-cost of the arms is much the same on every device (fewer kept channels and a lower rank mean
-less compute and fewer bytes everywhere); what differs is each device's speed. So we pool all
-devices' observed times into a two-factor model
+slowest device, and the *relative* cost of the arms is much the same on every device (fewer kept
+channels and a lower rank mean less compute and fewer bytes everywhere); what differs is each
+device's speed. So we pool observations into a two-factor model
 
-.. math:: \log T_{i,a} \approx \theta_i + \phi_a
+.. math:: \log y_{i,a} \approx \theta_i + \phi_a
 
-(device slowness plus arm cost), fitted by a few sweeps of alternating weighted least squares.
-After a single round on a device, its :math:`\theta_i` is known and the model predicts its time
-on every arm, including arms it never tried. The quality factor of the reward is pooled per arm
-over all devices too. Together they predict every device's reward on every arm, hence the
-makespan a reward-optimal fleet would have; the allocator lets each device explore only arms
-predicted to finish within it (see ``Allocator.safe_arms``). Nothing about device speed is given
-in advance: all of it is learnt from observed round times.
+(a device effect plus an arm effect), fitted by a few sweeps of alternating weighted least
+squares. For round times, :math:`\theta_i` is the device's slowness and :math:`\phi_a` the arm's
+cost: after a single round on a device the model predicts its time on every arm anyone has run.
+The same model over rewards (``fedspine.bandit.policies.pooled``) separates what an arm buys from
+how easy a device's data is. Nothing about device speed is given in advance.
 """
 
 from __future__ import annotations
@@ -25,15 +21,47 @@ from typing import Any
 import numpy as np
 
 
+def fit_factors(log_sum: np.ndarray, weight: np.ndarray, sweeps: int) -> tuple[np.ndarray, np.ndarray]:
+    """Device effects theta (NaN for rows without data) and arm effects phi (NaN for columns
+    without data) of ``log y ~ theta_i + phi_a``, phi centred on its observed arms.
+
+    ``log_sum[i, a]`` is the weighted sum of log observations, ``weight[i, a]`` their weight. With
+    ``sum(w * mean) = log_sum`` each sweep is two mat-vecs; a cold start each call keeps the fit a
+    pure function of the statistics."""
+    w = weight
+    row_w, col_w = w.sum(axis=1), w.sum(axis=0)
+    row_s, col_s = log_sum.sum(axis=1), log_sum.sum(axis=0)
+    safe_row, safe_col = np.where(row_w > 0, row_w, 1.0), np.where(col_w > 0, col_w, 1.0)
+    phi = np.zeros(w.shape[1])
+    theta = np.zeros(w.shape[0])
+    seen = col_w > 0
+    for _ in range(sweeps):
+        theta = np.where(row_w > 0, (row_s - w @ phi) / safe_row, 0.0)
+        phi = np.where(seen, (col_s - theta @ w) / safe_col, 0.0)
+        if seen.any():
+            shift = phi[seen].mean()
+            phi, theta = phi - shift, theta + shift
+    return np.where(row_w > 0, theta, np.nan), np.where(seen, phi, np.nan)
+
+
 class FleetModel:
     """Pooled log-time statistics per (device lane, arm), discounted per device by ``decay`` so
     a device whose speed changes (thermal throttling, a new network) is re-learnt; and the
-    reward's quality factor pooled per arm."""
+    reward's quality factor pooled per arm.
 
-    def __init__(self, n_arms: int, decay: float = 0.9, sweeps: int = 8):
+    ``change_factor`` (ours; None = off) detects such a change at once: an observed time more
+    than that factor away from the device's own earlier times on the same arm wipes its older
+    times (own times only: the pooled prediction can be off for one device by more than noise),
+    so one surprising round re-estimates its speed instead of a slow EMA drift.
+    """
+
+    def __init__(self, n_arms: int, decay: float = 0.9, sweeps: int = 8, change_factor: float | None = None):
         if not 0.0 < decay <= 1.0:
             raise ValueError(f"decay must be in (0, 1], got {decay!r}")
+        if change_factor is not None and not change_factor > 1.0:
+            raise ValueError(f"change_factor must be None (off) or > 1, got {change_factor!r}")
         self.n_arms, self.decay, self.sweeps = n_arms, float(decay), int(sweeps)
+        self.change_factor = None if change_factor is None else float(change_factor)
         self.log_sum = np.zeros((0, n_arms))
         self.weight = np.zeros((0, n_arms))
         self.quality_sum = np.zeros(n_arms)
@@ -47,42 +75,58 @@ class FleetModel:
         self.log_sum = np.concatenate([self.log_sum, np.zeros((n, self.n_arms))])
         self.weight = np.concatenate([self.weight, np.zeros((n, self.n_arms))])
 
-    def observe(self, lanes: np.ndarray, arms: np.ndarray, times_s: np.ndarray, quality: np.ndarray) -> None:
-        """Record completed rounds (lanes distinct)."""
+    def observe(
+        self, lanes: np.ndarray, arms: np.ndarray, times_s: np.ndarray, quality: np.ndarray
+    ) -> np.ndarray:
+        """Record completed rounds (lanes distinct); returns the lanes whose speed changed."""
         self.quality_sum += np.bincount(arms, weights=quality, minlength=self.n_arms)
         self.quality_n += np.bincount(arms, minlength=self.n_arms)
         keep = times_s > 0
         lanes, arms, times_s = lanes[keep], arms[keep], times_s[keep]
+        changed = np.zeros(0, dtype=np.int64)
         if lanes.size == 0:
-            return
+            return changed
+        log_t = np.log(times_s)
+        if self.change_factor is not None:  # against the device's own times on that arm only
+            own_w = self.weight[lanes, arms]
+            with np.errstate(invalid="ignore", divide="ignore"):
+                before = np.where(own_w >= 0.5, self.log_sum[lanes, arms] / own_w, np.nan)
+            jump = np.abs(log_t - before) > np.log(self.change_factor)  # NaN (unknown) compares False
+            changed = lanes[jump]
+            self.log_sum[changed] = 0.0
+            self.weight[changed] = 0.0
         self.log_sum[lanes] *= self.decay
         self.weight[lanes] *= self.decay
-        self.log_sum[lanes, arms] += np.log(times_s)
+        self.log_sum[lanes, arms] += log_t
         self.weight[lanes, arms] += 1.0
+        return changed
 
     def fit(self) -> tuple[np.ndarray, np.ndarray]:
-        """Device slowness theta (NaN for devices never observed) and arm cost phi (NaN for arms
-        nobody ran), phi centred on its observed arms. A pure function of the statistics (cold
-        start every time), so inspecting the model never changes a later choice."""
-        # Weighted means of log T: with sum(w * mean) = log_sum, each sweep is two mat-vecs.
-        w = self.weight
-        row_w, col_w = w.sum(axis=1), w.sum(axis=0)
-        row_s, col_s = self.log_sum.sum(axis=1), self.log_sum.sum(axis=0)
-        safe_row, safe_col = np.where(row_w > 0, row_w, 1.0), np.where(col_w > 0, col_w, 1.0)
-        phi = np.zeros(w.shape[1])
-        theta = np.zeros(w.shape[0])
-        for _ in range(self.sweeps):
-            theta = np.where(row_w > 0, (row_s - w @ phi) / safe_row, 0.0)
-            phi = np.where(col_w > 0, (col_s - theta @ w) / safe_col, 0.0)
-            if (col_w > 0).any():
-                shift = phi[col_w > 0].mean()
-                phi, theta = phi - shift, theta + shift
-        return np.where(row_w > 0, theta, np.nan), np.where(col_w > 0, phi, np.nan)
+        """Device slowness theta (NaN if never observed) and arm cost phi (NaN if nobody ran it)."""
+        return fit_factors(self.log_sum, self.weight, self.sweeps)
 
     def predict(self, lanes: np.ndarray) -> np.ndarray:
         """Predicted round time (seconds) per (lane, arm); NaN where the model cannot tell."""
         theta, phi = self.fit()
         return np.exp(theta[lanes, None] + phi[None, :])
+
+    def predict_blended(
+        self,
+        lanes: np.ndarray,
+        prior_weight: float = 1.0,
+        fitted: tuple[np.ndarray, np.ndarray] | None = None,
+    ) -> np.ndarray:
+        """Like :meth:`predict`, but where a device has run an arm its own times count too: the
+        pooled prediction enters as ``prior_weight`` pseudo-observations (ours). This corrects the
+        two-factor model where it is off for one device (a link much slower than its compute).
+        ``fitted`` passes a :meth:`fit` already at hand."""
+        theta, phi = self.fit() if fitted is None else fitted
+        pooled = theta[lanes, None] + phi[None, :]
+        own_sum, own_w = self.log_sum[lanes], self.weight[lanes]
+        with np.errstate(invalid="ignore"):
+            mixed = (own_sum + prior_weight * pooled) / (own_w + prior_weight)
+        mixed = np.where(np.isnan(pooled) & (own_w > 0), own_sum / np.where(own_w > 0, own_w, 1.0), mixed)
+        return np.exp(mixed)
 
     def quality(self) -> np.ndarray:
         """Mean quality factor per arm over the fleet (NaN for arms nobody completed)."""
@@ -93,6 +137,7 @@ class FleetModel:
         return {
             "decay": self.decay,
             "sweeps": self.sweeps,
+            "change_factor": self.change_factor,
             "log_sum": self.log_sum.tolist(),
             "weight": self.weight.tolist(),
             "quality_sum": self.quality_sum.tolist(),
@@ -101,6 +146,8 @@ class FleetModel:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.decay, self.sweeps = float(state["decay"]), int(state["sweeps"])
+        cf = state.get("change_factor")
+        self.change_factor = None if cf is None else float(cf)
         self.log_sum = np.asarray(state["log_sum"], dtype=np.float64).reshape(-1, self.n_arms)
         self.weight = np.asarray(state["weight"], dtype=np.float64).reshape(-1, self.n_arms)
         self.quality_sum = np.asarray(state["quality_sum"], dtype=np.float64)

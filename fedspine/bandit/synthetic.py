@@ -8,7 +8,7 @@ of real hardware (``fedspine.fl.devices`` will hold that).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -56,6 +56,31 @@ class SyntheticFleet:
             bws += list(bw * rng.uniform(0.85, 1.15, k))
             tiers += [name] * k
         return cls(np.array(speeds), np.array(bws), tuple(tiers), **kw)
+
+    @classmethod
+    def drawn(
+        cls,
+        n_devices: int = 80,
+        seed: int = 0,
+        compute_spread: float = 8.0,
+        bandwidth_spread: float = 8.0,
+        **kw: float,
+    ) -> SyntheticFleet:
+        """A fleet without tiers: speeds log-uniform over ``compute_spread`` (slowest to fastest)
+        and bandwidths log-uniform over ``bandwidth_spread``, drawn independently, so compute and
+        link need not go together as they do in :meth:`paper_mix`."""
+        rng = np.random.default_rng(seed)
+        speeds = np.exp(rng.uniform(0.0, np.log(compute_spread), n_devices))
+        bws = np.exp(rng.uniform(0.0, np.log(bandwidth_spread), n_devices))
+        return cls(speeds, bws, ("drawn",) * n_devices, **kw)
+
+    def slowed(self, devices: Sequence[int], factor: float) -> SyntheticFleet:
+        """The same fleet with ``devices`` ``factor`` times slower in compute and bandwidth."""
+        speeds, bws = self.speeds.copy(), self.bandwidths.copy()
+        idx = np.asarray(list(devices), dtype=np.int64)
+        speeds[idx] /= factor
+        bws[idx] /= factor
+        return replace(self, speeds=speeds, bandwidths=bws)
 
     @property
     def n_devices(self) -> int:
@@ -137,13 +162,25 @@ def oracle_arms(
 
 
 def simulate(
-    fleet: SyntheticFleet, allocator: Allocator, rounds: int, seed: int = 0
+    fleet: SyntheticFleet,
+    allocator: Allocator,
+    rounds: int,
+    seed: int = 0,
+    change: tuple[int, Sequence[int], float] | None = None,
+    first_round: int = 1,
 ) -> dict[str, np.ndarray]:
-    """Run ``rounds`` rounds of the allocator on the fleet; per-round makespan and arms."""
+    """Run ``rounds`` rounds of the allocator on the fleet; per-round makespan and arms.
+
+    ``change = (round, devices, factor)`` makes those devices ``factor`` times slower in compute
+    and bandwidth from that round on (thermal throttling, a worse link); the allocator is not told.
+    ``first_round`` continues an allocator that has already run rounds.
+    """
     rng = np.random.default_rng(seed)
     devices = list(range(fleet.n_devices))
     makespans, arm_log = [], []
-    for rnd in range(1, rounds + 1):
+    for rnd in range(first_round, first_round + rounds):
+        if change is not None and rnd == change[0]:
+            fleet = fleet.slowed(change[1], change[2])
         arms = allocator.assign(devices, rnd)
         reports = fleet.run_round([arms[d] for d in devices], allocator.space, rng)
         allocator.observe_round(reports)
@@ -158,5 +195,61 @@ def oracle_makespans(
     """Per-round makespan when every device plays its oracle arm, under the same noise model."""
     rng = np.random.default_rng(seed)
     best = oracle_arms(fleet, space, reward)
-    arms = [space[int(a)] for a in best]
-    return np.array([max(r.round_time_s for r in fleet.run_round(arms, space, rng)) for _ in range(rounds)])  # type: ignore[type-var]
+    return fixed_makespans(fleet, space, best, rounds, rng)
+
+
+def fixed_makespans(
+    fleet: SyntheticFleet, space: ArmSpace, arms: np.ndarray, rounds: int, rng: np.random.Generator
+) -> np.ndarray:
+    """Per-round makespan of a fixed arm per device (arm indices), under the fleet's noise."""
+    chosen = [space[int(a)] for a in arms]
+    return np.array([max(r.round_time_s for r in fleet.run_round(chosen, space, rng)) for _ in range(rounds)])  # type: ignore[type-var]
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> float:
+    """Spearman rank correlation (ties get their average rank); NaN if either side is constant."""
+    rx, ry = _average_ranks(np.asarray(x, float)), _average_ranks(np.asarray(y, float))
+    if rx.std() == 0 or ry.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def _average_ranks(v: np.ndarray) -> np.ndarray:
+    order = np.argsort(v, kind="stable")
+    ranks = np.empty(v.size)
+    ranks[order] = np.arange(v.size, dtype=float)
+    _, inverse, counts = np.unique(v, return_inverse=True, return_counts=True)
+    sums = np.bincount(inverse, weights=ranks)
+    return (sums / counts)[inverse]
+
+
+@dataclass(frozen=True)
+class Scorecard:
+    """How a run's allocation compares with the speed-knowing planner (``fedspine.bandit.planner``)
+    over a window of rounds; ratios > 1 mean more than the planner."""
+
+    makespan_ratio: float  # mean makespan / planner's mean makespan (same noise model)
+    capacity_ratio: float  # mean assigned capacity / planner's
+    speed_capacity_spearman: float  # Spearman(device speed, mean assigned capacity)
+    cheapest_share: float  # share of (device, round) pairs on the cheapest arm
+    planner_cheapest_share: float  # the planner's share of devices on the cheapest arm
+
+
+def scorecard(
+    fleet: SyntheticFleet, space: ArmSpace, run: dict[str, np.ndarray], window: slice, seed: int = 0
+) -> Scorecard:
+    """Score rounds ``window`` of ``simulate``'s output against the planner for ``fleet``."""
+    from fedspine.bandit.planner import capacity, plan
+
+    cap = capacity(space)
+    ref = plan(fleet.expected_times(space), space)
+    arms = run["arms"][window]
+    ref_makespan = fixed_makespans(fleet, space, ref.arms, 50, np.random.default_rng(seed)).mean()
+    cheapest = int(np.argmin(cap))
+    return Scorecard(
+        makespan_ratio=float(run["makespan"][window].mean() / ref_makespan),
+        capacity_ratio=float(cap[arms].mean() / cap[ref.arms].mean()),
+        speed_capacity_spearman=spearman(fleet.speeds, cap[arms].mean(axis=0)),
+        cheapest_share=float((arms == cheapest).mean()),
+        planner_cheapest_share=float((ref.arms == cheapest).mean()),
+    )

@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from fedspine.bandit import POLICIES, Allocator, Arm, ArmSpace, RewardConfig, RoundReport
+from fedspine.bandit.allocator import OBJECTIVES
 from fedspine.config import from_mapping, require
 from fedspine.fl.messages import Failure, TrainRes
 
@@ -47,15 +48,25 @@ class NoParams:
 
 @dataclass(frozen=True)
 class FedSpineParams:
-    policy: str = "s-ucb"  # a policy of fedspine.bandit.POLICIES
+    """The allocator's settings (``fedspine.bandit.Allocator`` documents each)."""
+
+    objective: str = "deadline"  # one of fedspine.bandit.allocator.OBJECTIVES
+    policy: str | None = None  # a policy of fedspine.bandit.POLICIES; None: the objective's own
     policy_params: dict[str, Any] | None = None  # its constructor's options (checked by the policy)
-    safe_slack: float | None = 0.05  # safe exploration's slack (ours); None: per-device bandits only
+    safe_slack: float | None = 0.05  # objective "paper": safe exploration's slack; None: off
+    deadline_slack: float = 0.0  # objective "deadline": headroom on the learnt deadline
+    explore_factor: float = 1.25  # objective "deadline": how far above the deadline to explore
     reward: RewardConfig = field(default_factory=RewardConfig)
 
     def __post_init__(self) -> None:
-        require(self.policy in POLICIES, f"{PARAMS}policy", f"one of {sorted(POLICIES)}", self.policy)
+        o = self.objective
+        require(o in OBJECTIVES, f"{PARAMS}objective", f"one of {list(OBJECTIVES)}", o)
+        ok = self.policy is None or self.policy in POLICIES
+        require(ok, f"{PARAMS}policy", f"None or one of {sorted(POLICIES)}", self.policy)
         ok = self.safe_slack is None or self.safe_slack >= 0
         require(ok, f"{PARAMS}safe_slack", "None (off) or >= 0", self.safe_slack)
+        require(self.deadline_slack >= 0, f"{PARAMS}deadline_slack", ">= 0", self.deadline_slack)
+        require(self.explore_factor >= 1, f"{PARAMS}explore_factor", ">= 1", self.explore_factor)
 
 
 @dataclass(frozen=True)
@@ -163,8 +174,10 @@ class ArmAssigner:
 
 
 class FedSpine(ArmAssigner):
-    """The paper's method: a per-device bandit picks (ratio, rank) from observed round outcomes,
-    with no knowledge of device speed (``fedspine.bandit``; safe exploration is ours).
+    """The paper's method: an online bandit picks every device's (ratio, rank) from observed
+    round outcomes, with no knowledge of device speed (``fedspine.bandit``). The default objective
+    ``"deadline"`` (ours) learns a common round deadline and gives each device the arm its spare
+    time affords; ``objective: paper`` is the per-device reconstruction of the paper's bandit.
 
     Aggregation (ours; the paper's rule is not public): zero-padding with count-normalised
     channels. Our reconstruction ``fedspine`` (update-norm weights, rank components averaged only
@@ -187,6 +200,9 @@ class FedSpine(ArmAssigner):
             reward=p.reward,
             seed=ctx.seed,
             safe_slack=p.safe_slack,
+            objective=p.objective,
+            deadline_slack=p.deadline_slack,
+            explore_factor=p.explore_factor,
         )
 
     def configure(self, rnd: int, devices: Sequence[str]) -> dict[str, Arm]:

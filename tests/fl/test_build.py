@@ -50,8 +50,8 @@ BAD = [
         ["strategy.name=fixed-prune", "strategy.params={ratio: 1.5}"],
         r"strategy.params.ratio must be in \[0, 1\)",
     ),
-    (["strategy.params={policy: ucb2}"], r"strategy.params.policy must be one of \[.*\], got 'ucb2'"),
-    (["strategy.params={policy_params: {cc: 1.0}}"], r"unknown parameter\(s\) \['cc'\] for policy 's-ucb'"),
+    (["strategy.params={policy: ucb2}"], r"strategy.params.policy must be None or one of \[.*\], got 'ucb2'"),
+    (["strategy.params={policy_params: {cc: 1.0}}"], r"unknown parameter\(s\) \['cc'\] for policy '"),
     (["strategy.name=hetlora", "strategy.params={tier_rank: {tx2: 4}}"], r"\['strategy.params.tier_rank'\]"),
 ]
 

@@ -40,13 +40,17 @@ def test_every_strategy_assigns_an_arm_per_device_and_round_trips_its_state(name
     assert clone.configure(3, ["a", "b", "c"]) == s.configure(3, ["a", "b", "c"])
 
 
-def test_fedspine_feeds_one_observation_per_device_and_round_to_its_allocator():
-    s = make_strategy("fedspine", ctx())
+@pytest.mark.parametrize("objective", ["deadline", "paper"])
+def test_fedspine_feeds_one_observation_per_device_and_round_to_its_allocator(objective):
+    s = make_strategy("fedspine", ctx(objective=objective))
+    assert s.allocator.objective == objective
     s.configure(1, ["a", "b", "c"])
     s.observe(1, [result("a", 1), result("b", 1)], [Failure(1, "c", "timeout")], {"a": 3.0, "b": 5.0})
     assert s.allocator.pending == {}
     assert len(s.allocator.estimates("a")) == 1 and len(s.allocator.estimates("c")) == 1
-    assert list(s.allocator.estimates("c").values()) == [0.0]  # a failure is the worst reward
+    (c_est,) = s.allocator.estimates("c").values()
+    (a_est,) = s.allocator.estimates("a").values()
+    assert c_est < 0.01 < a_est  # a failure is the worst reward (the pooled policy floors its log)
 
 
 def test_tier_baselines_follow_the_tier_tables_and_name_missing_tiers():
@@ -83,7 +87,17 @@ def test_every_strategy_has_typed_frozen_params_with_defaults(name):
         ("hetlora", {"tier_ranks": {"tx2": 0}}, r"strategy.params.tier_ranks.tx2 must be >= 1, got 0"),
         ("flora", {"tier_ranks": {}}, r"strategy.params.tier_ranks must be a non-empty tier -> value"),
         ("tier-prune", {"tier_ratios": {"nx": -0.1}}, r"tier_ratios.nx must be in \[0, 1\), got -0.1"),
-        ("fedspine", {"policy": "ucb2"}, r"strategy.params.policy must be one of \[.*'ucb1'.*\], got 'ucb2'"),
+        (
+            "fedspine",
+            {"policy": "ucb2"},
+            r"strategy.params.policy must be None or one of \[.*'ucb1'.*\], got 'ucb2'",
+        ),
+        (
+            "fedspine",
+            {"objective": "makespan"},
+            r"strategy.params.objective must be one of \['deadline', 'paper'\]",
+        ),
+        ("fedspine", {"explore_factor": 0.5}, r"strategy.params.explore_factor must be >= 1, got 0.5"),
         ("fedspine", {"safe_slack": -1.0}, r"strategy.params.safe_slack must be None \(off\) or >= 0"),
         (
             "fedspine",

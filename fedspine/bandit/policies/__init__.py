@@ -8,6 +8,7 @@ from fedspine.bandit.arms import ArmSpace
 from fedspine.bandit.policies.base import Policy, init_params
 from fedspine.bandit.policies.exp3 import EXP3
 from fedspine.bandit.policies.greedy import EpsilonGreedy, UniformRandom
+from fedspine.bandit.policies.pooled import PooledUCB
 from fedspine.bandit.policies.sucb import SmoothUCB
 from fedspine.bandit.policies.thompson import GaussianThompson
 from fedspine.bandit.policies.ucb import UCB1, DiscountedUCB, SlidingWindowUCB
@@ -23,6 +24,7 @@ POLICIES: dict[str, type[Policy]] = {
         GaussianThompson,
         EpsilonGreedy,
         UniformRandom,
+        PooledUCB,
     )
 }
 
@@ -47,6 +49,7 @@ __all__ = [
     "EpsilonGreedy",
     "GaussianThompson",
     "Policy",
+    "PooledUCB",
     "SlidingWindowUCB",
     "SmoothUCB",
     "UniformRandom",

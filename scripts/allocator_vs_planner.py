@@ -1,0 +1,111 @@
+"""The allocator against the speed-knowing planner on synthetic fleets whose speeds it never sees.
+
+    python scripts/allocator_vs_planner.py              # the issue's table: 4 fleets x 3 seeds, 30 rounds
+    python scripts/allocator_vs_planner.py --rounds 50 --seeds 5
+
+For every fleet and allocator it prints, over rounds 21-30 (after warm-up) and averaged over the
+seeds (worst seed in brackets): mean makespan and mean capacity relative to the planner
+(``fedspine.bandit.planner``: common deadline, largest arm per device under it), Spearman(device
+speed, assigned capacity), and the share of (device, round) pairs on the cheapest arm next to the
+planner's. A last table slows 10 devices 3x at round 21 and reports how many rounds the allocator
+takes to move them to arms no heavier than the planner's re-solved ones. The fleets here are not
+the ones the defaults were tuned on (``paper_mix`` seeds 0 and 3, ``drawn`` seeds 11 and 12).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+from fedspine.bandit import Allocator, ArmSpace
+from fedspine.bandit.planner import capacity, plan
+from fedspine.bandit.synthetic import SyntheticFleet, scorecard, simulate
+
+SPACE = ArmSpace.grid([round(0.1 * i, 1) for i in range(8)], [4, 8, 16, 32])
+
+FLEETS = {
+    "paper mix (30:40:10 tiers), seed 10": lambda: SyntheticFleet.paper_mix(80, seed=10),
+    "drawn: compute 8x, link 8x, seed 21": lambda: SyntheticFleet.drawn(80, seed=21),
+    "drawn: compute 4x, link 16x, seed 22": lambda: SyntheticFleet.drawn(
+        80, seed=22, compute_spread=4, bandwidth_spread=16
+    ),
+    "drawn: compute 8x, equal links, seed 23": lambda: SyntheticFleet.drawn(
+        80, seed=23, bandwidth_spread=1.0
+    ),
+}
+
+ALLOCATORS = {
+    "fedspine (deadline, pooled-ucb)": {},
+    "deadline, random in the same safe set": {"policy": "random"},
+    "deadline, per-device s-ucb in the safe set": {"policy": "s-ucb"},
+    "paper (s-ucb, quantile reward, safe cap)": {"objective": "paper"},
+    "paper, no cap (per-device s-ucb)": {"objective": "paper", "safe_slack": None},
+}
+
+
+def rounds_to_adapt(
+    run: dict[str, np.ndarray], slow: list[int], planner_cap: np.ndarray, start: int
+) -> int | None:
+    """Rounds after ``start`` (0-based round index) until every slowed device's capacity is at
+    most its re-solved planner capacity times 1.1; None if that never happens."""
+    cap = capacity(SPACE)
+    for k, arms in enumerate(run["arms"][start:]):
+        if np.all(cap[arms[slow]] <= planner_cap * 1.1 + 1e-9):
+            return k + 1
+    return None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--seeds", type=int, default=3)
+    args = ap.parse_args()
+    window = slice(max(0, args.rounds - 10), args.rounds)
+    print(f"rounds {window.start + 1}-{window.stop}, mean over seeds 0-{args.seeds - 1} [worst seed]\n")
+    for fname, make in FLEETS.items():
+        fleet = make()
+        print(f"## {fname}")
+        print(
+            "| allocator | makespan / planner | capacity / planner | Spearman(speed, capacity) "
+            "| on cheapest arm (planner) |"
+        )
+        print("|---|---:|---:|---:|---:|")
+        for aname, kw in ALLOCATORS.items():
+            cards = [
+                scorecard(
+                    fleet,
+                    SPACE,
+                    simulate(fleet, Allocator(SPACE, seed=s, **kw), args.rounds, seed=s),
+                    window,
+                    seed=s,
+                )
+                for s in range(args.seeds)
+            ]
+            mk = [c.makespan_ratio for c in cards]
+            cp = [c.capacity_ratio for c in cards]
+            rho = [c.speed_capacity_spearman for c in cards]
+            ch = [c.cheapest_share for c in cards]
+            print(
+                f"| {aname} | {np.mean(mk):.3f} [{max(mk):.3f}] | {np.mean(cp):.3f} [{min(cp):.3f}] "
+                f"| {np.mean(rho):.2f} [{min(rho):.2f}] "
+                f"| {np.mean(ch):.2f} ({cards[0].planner_cheapest_share:.2f}) |"
+            )
+        print()
+    fleet = SyntheticFleet.paper_mix(80, seed=10)
+    slow = list(range(40, 50))  # ten Xavier NX boards start throttling
+    slowed_plan = plan(fleet.slowed(slow, 3.0).expected_times(SPACE), SPACE)
+    planner_cap = capacity(SPACE)[slowed_plan.arms[slow]]
+    print("## 10 NX devices become 3x slower at round 21 (paper mix, seed 10)")
+    print("| allocator | rounds until they are on arms no heavier than the planner's, per seed |")
+    print("|---|---|")
+    for aname, kw in list(ALLOCATORS.items())[:2]:
+        got = []
+        for s in range(args.seeds):
+            run = simulate(fleet, Allocator(SPACE, seed=s, **kw), 40, seed=s, change=(21, slow, 3.0))
+            got.append(rounds_to_adapt(run, slow, planner_cap, start=20))
+        print(f"| {aname} | {', '.join('never' if g is None else str(g) for g in got)} |")
+
+
+if __name__ == "__main__":
+    main()
