@@ -2,8 +2,8 @@ import dataclasses
 
 import numpy as np
 import pytest
+import tiny_models
 import torch
-from transformers import BertConfig, BertForSequenceClassification
 
 from fedspine.config import ClientConfig, from_mapping
 from fedspine.fl.client import LocalData, LocalState, client_step
@@ -16,17 +16,9 @@ VOCAB = 64
 
 
 def tiny_bert(seed=0):
-    torch.manual_seed(seed)
-    cfg = BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=32,
-        num_labels=2,
+    return tiny_models.tiny_bert(
+        seed, vocab_size=VOCAB, hidden_size=32, intermediate_size=64, max_position_embeddings=32
     )
-    return BertForSequenceClassification(cfg)
 
 
 def local_data(seed=0, n=32):
