@@ -85,6 +85,7 @@ def _run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from fedspine.config import load_config
+    from fedspine.fl.build import check
 
     try:
         if args.resume:  # the run's own config; overrides may not change it
@@ -93,6 +94,7 @@ def _run(args: argparse.Namespace) -> int:
             cfg = load_config(Path(args.resume) / "config.json")
         else:
             cfg = load_config(args.config, args.overrides)
+        check(cfg)
     except ValueError as exc:  # a wrong config: say which field and what is allowed, before any work
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,5 +1,13 @@
 """One typed run configuration: small frozen dataclasses, loaded from YAML/TOML with ``a.b=c``
-overrides and validated before any work starts (errors name the field and the allowed values)."""
+overrides and validated before any work starts (errors name the field and the allowed values).
+
+Plain data: this module imports nothing from fedspine (and so no torch). ``validate`` checks what
+the values say on their own: types, ranges and names. The names other modules register
+(strategies, aggregation rules, importance criteria, tasks, partitions) are plain tuples here,
+each kept equal to its registry by a contract test (``tests/fl/test_build.py``). What only the
+registered classes can judge, a strategy's typed ``strategy.params`` above all, is checked by
+``fedspine.fl.build.check``, which every entry point calls before loading a model or data.
+"""
 
 from __future__ import annotations
 
@@ -11,17 +19,32 @@ import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
 MODELS = ("tiny-bert", "tiny-llama", "all-minilm-l6-v2", "smollm2-135m")
 DATA_SOURCES = ("synthetic", "rotten-tomatoes")  # or a path to a local file / saved dataset
-TASKS = ("classification", "causal-lm")  # == fedspine.models.TASKS (kept here: no torch import)
+TASKS = ("classification", "causal-lm")  # == fedspine.models.TASKS (a contract test keeps them equal)
 LM_DATA_SOURCES = ("synthetic", "chatterbot")  # task causal-lm: prompt/answer pairs (fedspine.data.causal)
 LM_MODELS = ("tiny-llama", "smollm2-135m")  # decoders; or a local HF causal-LM directory
-PARTITIONS = ("iid", "dirichlet")
+PARTITIONS = ("iid", "dirichlet")  # == fedspine.data.partition.SCHEMES
 WANDB_MODES = ("disabled", "offline", "online")
+LOSSES = ("ce", "logit-adjusted")  # ClientConfig.loss; the client step implements each
+# == the keys of fedspine.fl.strategies.STRATEGIES, fedspine.lora.aggregate.AGGREGATORS and
+# fedspine.pruning.iterative.importance_names()
+STRATEGY_NAMES = (
+    "fedspine",
+    "fedavg-lora",
+    "hetlora",
+    "flexlora",
+    "flora",
+    "fixed-prune",
+    "tier-prune",
+    "random-arm",
+)
+AGGREGATION_RULES = ("zero-pad", "hetlora", "flexlora", "flora", "fedspine")
+IMPORTANCES = ("lora_gradient", "magnitude", "taylor")
 
 
 @dataclass(frozen=True)
@@ -50,16 +73,56 @@ class FleetConfig:
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    rounds: int = 3
+class ClientConfig:
+    """A device's local training in one round: the one definition of these settings and their
+    defaults. The server sends it to every device in ``TrainIns.config``; the ``train`` section of
+    a run config holds the same fields (``TrainConfig`` extends this class) plus the run's own."""
+
     local_steps: int = 10
-    batch_size: int = 16
     lr: float = 5e-4
-    head_lr: float | None = None  # the task head's learning rate; None = lr, 0 = frozen (fedspine.fl.client)
+    # The task head's (modules_to_save) learning rate; None = lr. 0 freezes the fresh random head
+    # for the whole federation (FedBABU, Oh et al. ICLR 2022): under label skew the head is what
+    # drifts most, and a fixed head gives every device the same target for its features.
+    head_lr: float | None = None
     prune_interval: int = 20  # paper [S]: 20 local iterations between prunes worked best
     round_to: int = 8
-    importance: str = "lora_gradient"
-    loss: str = "ce"  # or "logit-adjusted" (ours, FedLC-style; fedspine.fl.client)
+    importance: str = "lora_gradient"  # one of IMPORTANCES (fedspine.pruning)
+    # "logit-adjusted" (ours, after FedLC, Zhang et al. 2022): local cross-entropy on logits +
+    # log(local label prior). Under label skew a device then cannot lower its loss by just
+    # predicting its majority class, so its update carries features, not a bias that the average
+    # cancels. Sequence classification only; "ce" is plain cross-entropy.
+    loss: str = "ce"
+
+    _section: ClassVar[str] = "client."  # how errors name the fields
+
+    def __post_init__(self) -> None:
+        where = self._section
+        require(self.local_steps >= 1, f"{where}local_steps", ">= 1", self.local_steps)
+        require(self.lr > 0, f"{where}lr", "> 0", self.lr)
+        require(self.head_lr is None or self.head_lr >= 0, f"{where}head_lr", "None or >= 0", self.head_lr)
+        require(self.prune_interval >= 1, f"{where}prune_interval", ">= 1", self.prune_interval)
+        require(self.round_to >= 1, f"{where}round_to", ">= 1", self.round_to)
+        require(self.loss in LOSSES, f"{where}loss", f"one of {list(LOSSES)}", self.loss)
+        require(
+            self.importance in IMPORTANCES,
+            f"{where}importance",
+            f"one of {list(IMPORTANCES)}",
+            self.importance,
+        )
+
+    def client(self) -> ClientConfig:
+        """Just the device's settings (a ``TrainConfig`` without the run's own fields)."""
+        return ClientConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(ClientConfig)})
+
+
+@dataclass(frozen=True)
+class TrainConfig(ClientConfig):
+    """The ``train`` section: the device's settings (``ClientConfig``) and the run's."""
+
+    _section: ClassVar[str] = "train."
+
+    rounds: int = 3
+    batch_size: int = 16  # each device's batches come from its own data stream, not the message
     server_lr: float = 1.0  # server step on the aggregate (ours, FedAvgM; fedspine.fl.server)
     server_momentum: float = 0.0  # 0 = plain aggregation
 
@@ -113,13 +176,9 @@ class RunConfig:
 
 
 def validate(cfg: RunConfig) -> RunConfig:
-    """Check every field that can be checked without loading anything; raise on the first problem."""
-    from fedspine.fl.strategies import STRATEGIES  # numpy-only import
-
-    def need(ok: bool, name: str, allowed: str, value: Any) -> None:
-        if not ok:
-            raise ValueError(f"{name} must be {allowed}, got {value!r}")
-
+    """Check what the values say on their own; raise on the first problem. A strategy's typed
+    params are ``fedspine.fl.build.check``'s."""
+    need = require
     m, d, f, t, a = cfg.model, cfg.data, cfg.fleet, cfg.train, cfg.arms
     need(
         m.name in MODELS or Path(m.name).is_dir(),
@@ -171,22 +230,9 @@ def validate(cfg: RunConfig) -> RunConfig:
     need(0 < f.participation <= 1, "fleet.participation", "in (0, 1]", f.participation)
     need(0 <= f.spread < 1, "fleet.spread", "in [0, 1)", f.spread)
     need(t.rounds >= 1, "train.rounds", ">= 1", t.rounds)
-    need(t.local_steps >= 1, "train.local_steps", ">= 1", t.local_steps)
     need(t.batch_size >= 1, "train.batch_size", ">= 1", t.batch_size)
-    need(t.lr > 0, "train.lr", "> 0", t.lr)
-    need(t.head_lr is None or t.head_lr >= 0, "train.head_lr", "None or >= 0", t.head_lr)
     need(t.server_lr > 0, "train.server_lr", "> 0", t.server_lr)
     need(0 <= t.server_momentum < 1, "train.server_momentum", "in [0, 1)", t.server_momentum)
-    need(t.prune_interval >= 1, "train.prune_interval", ">= 1", t.prune_interval)
-    need(
-        t.importance in ("lora_gradient", "magnitude", "taylor"),
-        "train.importance",
-        "one of ['lora_gradient', 'magnitude', 'taylor']",
-        t.importance,
-    )
-    from fedspine.fl.client import LOSSES  # the client step owns its losses
-
-    need(t.loss in LOSSES, "train.loss", f"one of {list(LOSSES)}", t.loss)
     need(
         len(a.ratios) > 0 and all(0 <= r < 1 for r in a.ratios),
         "arms.ratios",
@@ -199,21 +245,21 @@ def validate(cfg: RunConfig) -> RunConfig:
         "non-empty positive integers",
         a.ranks,
     )
-    need(cfg.strategy.name in STRATEGIES, "strategy.name", f"one of {sorted(STRATEGIES)}", cfg.strategy.name)
-    if cfg.strategy.aggregation is not None:
-        from fedspine.lora.aggregate import AGGREGATORS
-
-        rules = sorted(AGGREGATORS)
-        need(
-            cfg.strategy.aggregation in rules,
-            "strategy.aggregation",
-            f"None or one of {rules}",
-            cfg.strategy.aggregation,
-        )
+    names = sorted(STRATEGY_NAMES)
+    need(cfg.strategy.name in names, "strategy.name", f"one of {names}", cfg.strategy.name)
+    rules = sorted(AGGREGATION_RULES)
+    agg = cfg.strategy.aggregation
+    need(agg is None or agg in rules, "strategy.aggregation", f"None or one of {rules}", agg)
     need(cfg.eval.every >= 1, "eval.every", ">= 1", cfg.eval.every)
     need(cfg.log.wandb in WANDB_MODES, "log.wandb", f"one of {list(WANDB_MODES)}", cfg.log.wandb)
     need(cfg.checkpoint_every >= 1, "checkpoint_every", ">= 1", cfg.checkpoint_every)
     return cfg
+
+
+def require(ok: bool, name: str, allowed: str, value: Any) -> None:
+    """Raise ``ValueError("<name> must be <allowed>, got <value>")`` unless ``ok``."""
+    if not ok:
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:
@@ -247,10 +293,12 @@ def config_from_mapping(raw: Mapping[str, Any], overrides: Mapping[str, Any] | N
             if not isinstance(node, dict):
                 raise ValueError(f"override {key}={value!r}: {part!r} is not a section")
         node[parts[-1]] = copy.deepcopy(value)
-    return validate(_build(RunConfig, raw, ""))
+    return validate(from_mapping(RunConfig, raw, ""))
 
 
-def _build(cls: type, raw: Any, where: str) -> Any:
+def from_mapping(cls: type, raw: Any, where: str) -> Any:
+    """The dataclass ``cls`` from a nested mapping: unknown fields, wrong types and bad values are
+    refused with the field's full name (``where`` + field, e.g. ``"strategy.params."``)."""
     if not isinstance(raw, dict):
         raise ValueError(f"{where or 'config'} must be a mapping, got {raw!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -266,7 +314,7 @@ def _build(cls: type, raw: Any, where: str) -> Any:
 
 def _coerce(hint: Any, value: Any, name: str) -> Any:
     if dataclasses.is_dataclass(hint):
-        return _build(hint, value, f"{name}.")
+        return from_mapping(hint, value, f"{name}.")
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
@@ -280,7 +328,9 @@ def _coerce(hint: Any, value: Any, name: str) -> Any:
     if origin is dict or hint is dict:
         if not isinstance(value, dict):
             raise ValueError(f"{name} must be a mapping, got {value!r}")
-        return dict(value)
+        if not args:
+            return dict(value)
+        return {_coerce(args[0], k, name): _coerce(args[1], v, f"{name}.{k}") for k, v in value.items()}
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint is float and isinstance(value, str):

@@ -20,3 +20,14 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def make_model():
+    """Factory: make_model("llama" | "bert", seed) -> a fresh tiny model (same seed, same weights);
+    the LLaMA has grouped-query attention (4 query / 2 KV heads). See ``tests/tiny_models.py``."""
+    from tiny_models import tiny_bert, tiny_llama
+
+    return lambda family, seed=0: {"llama": lambda: tiny_llama(2, seed), "bert": lambda: tiny_bert(seed)}[
+        family
+    ]()

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from fedspine.config import load_config
+from fedspine.config import ClientConfig, load_config
 from fedspine.data.causal import IGNORE, SYNTHETIC_STEPS, pack_prompt_answer, synthetic_lm
 from fedspine.fl.simulator import Simulation, run
 from fedspine.models import TINY_VOCAB, build_lm_data, build_model, lm_metrics
@@ -187,7 +187,7 @@ def test_real_smollm2_one_client_step_prunes_kv_groups_and_mlp_channels():
 
     adapter = extract(attach(copy.deepcopy(model), 4))
     n0 = sum(p.numel() for p in model.parameters())
-    ins = TrainIns(1, "d000", 0.3, 4, adapter, config={"local_steps": 2, "prune_interval": 1, "lr": 1e-3})
+    ins = TrainIns(1, "d000", 0.3, 4, adapter, config=ClientConfig(local_steps=2, prune_interval=1, lr=1e-3))
     res, state = client_step(ins, LocalState(model, KeptIndexMap.full(shape)), LocalData(stream, data, 2))
     after = arch_shape(state.model)
     assert (after.num_heads, after.num_kv_heads) == (6, 2)  # one whole KV group of 3 query heads

@@ -10,12 +10,12 @@ import time
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from fedspine.config import LOSSES, ClientConfig
 from fedspine.fl.messages import TrainIns, TrainRes
 from fedspine.lora.adapters import ALPHA_PER_RANK, attach, detach, extract, load
 from fedspine.lora.coords import LORA_A, LORA_B, split_key
@@ -25,25 +25,7 @@ from fedspine.pruning.iterative import PruneAndTune, PruneSchedule
 
 Batch = dict[str, torch.Tensor]
 
-DEFAULT_CONFIG: dict[str, Any] = {
-    "local_steps": 20,
-    "lr": 5e-4,
-    "weight_decay": 0.0,
-    "prune_interval": 20,  # paper [S]: 20 local iterations between prunes worked best
-    "round_to": 8,
-    "importance": "lora_gradient",
-    # "logit-adjusted" (ours, after FedLC, Zhang et al. 2022): local cross-entropy on
-    # logits + log(local label prior). Under label skew a device then cannot lower its loss by
-    # just predicting its majority class, so its update carries features, not a bias that the
-    # average cancels. Sequence classification only; "ce" is plain cross-entropy.
-    "loss": "ce",
-    # Learning rate of the task head (modules_to_save); None = "lr". 0 freezes the fresh random
-    # head for the whole federation (FedBABU, Oh et al. ICLR 2022): under label skew the head is
-    # what drifts most, and a fixed head gives every device the same target for its features.
-    "head_lr": None,
-    "seed": 0,
-}
-LOSSES = ("ce", "logit-adjusted")
+__all__ = ["LOSSES", "LocalData", "LocalState", "client_step", "step_seed", "update_norm"]
 
 
 @dataclass
@@ -76,28 +58,25 @@ def step_seed(seed: int, device_id: str, rnd: int) -> int:
 
 
 def client_step(ins: TrainIns, state: LocalState, data: LocalData) -> tuple[TrainRes, LocalState]:
-    """Run one round on a device. ``state.model`` is modified in place (pruned) and returned.
+    """Run one round on a device with the settings of ``ins.config`` (a ``ClientConfig``).
+    ``state.model`` is modified in place (pruned) and returned.
 
     Dropout draws from torch's global RNG; we run the round in a forked RNG seeded per (seed,
     device, round), so the caller's RNG is untouched and the round is reproducible.
     """
-    cfg = {**DEFAULT_CONFIG, **ins.config}
-    unknown = sorted(set(ins.config) - set(DEFAULT_CONFIG))
-    if unknown:
-        raise ValueError(f"unknown client config key(s) {unknown}; allowed: {sorted(DEFAULT_CONFIG)}")
-    if cfg["loss"] not in LOSSES:
-        raise ValueError(f"client config loss must be one of {list(LOSSES)}, got {cfg['loss']!r}")
-    if cfg["loss"] == "logit-adjusted" and data.label_counts is None:
+    if not isinstance(ins.config, ClientConfig):
+        raise ValueError(f"TrainIns.config must be a ClientConfig, got {type(ins.config).__name__}")
+    if ins.config.loss == "logit-adjusted" and data.label_counts is None:
         raise ValueError("loss 'logit-adjusted' needs LocalData.label_counts")
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(step_seed(int(cfg["seed"]), ins.device_id, ins.round))
-        return _client_step(ins, state, data, cfg)
+        torch.manual_seed(step_seed(ins.seed, ins.device_id, ins.round))
+        return _client_step(ins, state, data, ins.config)
 
 
 def _client_step(
-    ins: TrainIns, state: LocalState, data: LocalData, cfg: dict[str, Any]
+    ins: TrainIns, state: LocalState, data: LocalData, cfg: ClientConfig
 ) -> tuple[TrainRes, LocalState]:
-    seed = step_seed(int(cfg["seed"]), ins.device_id, ins.round)
+    seed = step_seed(ins.seed, ins.device_id, ins.round)
     gen = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
     model = state.model
@@ -110,23 +89,23 @@ def _client_step(
     load(peft_model, ins.adapter, strict=True)
     loss_before = _probe_loss(peft_model, data.probe)
 
-    steps = int(cfg["local_steps"])
+    steps = cfg.local_steps
     # At least one prune per round when the target asks for more than the device has (ours).
-    interval = max(1, min(int(cfg["prune_interval"]), steps))
+    interval = max(1, min(cfg.prune_interval, steps))
     tuner = PruneAndTune(
         peft_model,
         state.kept_map,
-        PruneSchedule(ins.ratio, interval, round_to=int(cfg["round_to"])),
+        PruneSchedule(ins.ratio, interval, round_to=cfg.round_to),
         steps,
         rank=ins.rank,
         seed=seed,
-        importance=str(cfg["importance"]),
+        importance=cfg.importance,
         calib=data.probe,
     )
     tuner.model.train()
     opt = _optimizer(tuner.model, cfg)
     batches = data.batches(gen)
-    loss_fn = _loss_fn(cfg["loss"], data.label_counts)
+    loss_fn = _loss_fn(cfg.loss, data.label_counts)
     for _ in range(steps):
         loss = loss_fn(tuner.model, next(batches))
         loss.backward()
@@ -186,14 +165,16 @@ def _loss_fn(kind: str, label_counts: np.ndarray | None) -> Callable[[nn.Module,
     return adjusted
 
 
-def _optimizer(model: nn.Module, cfg: dict[str, Any]) -> torch.optim.Optimizer:
-    lr = float(cfg["lr"])
-    head_lr = lr if cfg["head_lr"] is None else float(cfg["head_lr"])
+def _optimizer(model: nn.Module, cfg: ClientConfig) -> torch.optim.Optimizer:
+    lr = float(cfg.lr)
+    head_lr = lr if cfg.head_lr is None else float(cfg.head_lr)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     head = [p for n, p in named if ".modules_to_save." in n]
     rest = [p for n, p in named if ".modules_to_save." not in n]
     groups = [{"params": rest, "lr": lr}] + ([{"params": head, "lr": head_lr}] if head else [])
-    return torch.optim.AdamW(groups, lr=lr, weight_decay=float(cfg["weight_decay"]))
+    # No weight decay (AdamW's default is 0.01): the adapter starts each round from the global
+    # state, and decay towards zero would pull it back to the base model between aggregations.
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
 
 
 @torch.no_grad()

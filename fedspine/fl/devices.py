@@ -33,6 +33,8 @@ from typing import Any
 
 import numpy as np
 
+from fedspine.bandit.synthetic import PAPER_TIERS
+
 GIB = 2**30
 
 
@@ -156,8 +158,12 @@ PROFILES: dict[str, DeviceProfile] = {
 }
 
 # FedSpine's testbed: 30 TX2 + 40 NX + 10 AGX [paper.md §3: count from the paper, mix from a secondary
-# source]. Which NX / AGX generation is not stated; we take Xavier NX and AGX Xavier (most likely).
-PAPER_MIX: tuple[tuple[DeviceProfile, int], ...] = ((JETSON_TX2, 30), (XAVIER_NX, 40), (AGX_XAVIER, 10))
+# source], defined once, as the shares of ``fedspine.bandit.synthetic.PAPER_TIERS`` (of 80 devices).
+# Which NX / AGX generation is not stated; we take Xavier NX and AGX Xavier (most likely).
+_PAPER_PROFILES = {"tx2": JETSON_TX2, "nx": XAVIER_NX, "agx": AGX_XAVIER}
+PAPER_MIX: tuple[tuple[DeviceProfile, int], ...] = tuple(
+    (_PAPER_PROFILES[name], round(share * 80)) for name, share, _, _ in PAPER_TIERS
+)
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,8 @@
 """The engine-neutral wire format between server and devices: arrays plus small config dicts.
 
 Nothing here references a Python object that lives on the other side, so the same messages
-travel unchanged through the in-process simulator and, later, through Flower's ArrayRecord /
-ConfigRecord. numpy only.
+travel unchanged through the in-process simulator and through Flower's ArrayRecord /
+ConfigRecord (``fedspine.flower.codec``). numpy only.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from fedspine.config import ClientConfig
 
 Arrays = dict[str, np.ndarray]
 
@@ -25,7 +27,8 @@ class TrainIns:
     rank: int  # LoRA rank for this round
     adapter: Arrays  # the global adapter projected to the device's kept channels and its rank
     base_delta: Arrays | None = None  # added to the device's base weights first (FLoRA-style rules)
-    config: dict[str, Any] = field(default_factory=dict)  # local_steps, batch_size, lr, prune_interval, ...
+    config: ClientConfig = field(default_factory=ClientConfig)  # local_steps, lr, prune_interval, ...
+    seed: int = 0  # the run's seed; the device's randomness this round is step_seed(seed, device, round)
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,9 @@ from typing import Any
 
 import numpy as np
 
+from fedspine.config import ClientConfig
 from fedspine.fl.messages import Failure, TrainIns, TrainRes
-from fedspine.fl.strategies import Strategy
+from fedspine.fl.strategies import ArmAssigner
 from fedspine.lora.aggregate import DeviceUpdate, get_aggregator
 from fedspine.pruning.index_map import ArchShape, KeptIndexMap, ModuleSlice
 
@@ -25,20 +26,22 @@ ModuleRoles = Mapping[str, tuple[int, str]]  # module path -> (layer, role)
 class Server:
     def __init__(
         self,
-        strategy: Strategy,
+        strategy: ArmAssigner,
         *,
         shape: ArchShape,
         module_roles: ModuleRoles,
         global_shapes: Mapping[str, tuple[int, int]],
         heads: Mapping[str, np.ndarray],
         r_max: int,
-        client_config: Mapping[str, Any],
+        client_config: ClientConfig,
         seed: int = 0,
         aggregation: str | None = None,
         server_lr: float = 1.0,
         server_momentum: float = 0.0,
     ):
-        """``aggregation`` replaces the strategy's own rule (an ablation); None keeps it.
+        """``client_config`` is what every device is told to train with, and ``seed`` the run's
+        seed (each device derives its round's randomness from it). ``aggregation`` replaces the
+        strategy's own rule (an ablation); None keeps it.
 
         ``server_lr``/``server_momentum`` (ours, FedAvgM, Hsu et al. 2019) treat the rule's
         aggregate minus the old state as a pseudo-gradient: ``m = β m + Δ``, ``state += η m``.
@@ -56,7 +59,7 @@ class Server:
         self.rule = get_aggregator(aggregation or strategy.aggregation)
         self.shape, self.module_roles = shape, dict(module_roles)
         self.global_shapes, self.r_max = dict(global_shapes), int(r_max)
-        self.client_config = dict(client_config)
+        self.client_config, self.seed = client_config, int(seed)
         self.state = self.rule.init_state(self.global_shapes, self.r_max, rng=seed, heads=dict(heads))
         self.kept: dict[str, KeptIndexMap] = {}
 
@@ -75,7 +78,7 @@ class Server:
             rank = min(arm.rank, self.r_max)
             dist = self.rule.distribute(self.state, self.slices(d), rank)
             out[d] = TrainIns(
-                rnd, d, arm.ratio, rank, dist.adapter, dist.base_delta, dict(self.client_config)
+                rnd, d, arm.ratio, rank, dist.adapter, dist.base_delta, self.client_config, self.seed
             )
         return out
 

@@ -25,6 +25,7 @@ from fedspine.config import RunConfig
 from fedspine.data.partition import partition, partition_stats
 from fedspine.data.tokenize import batches
 from fedspine.fl import checkpoint
+from fedspine.fl.build import check
 from fedspine.fl.client import LocalData, LocalState, client_step
 from fedspine.fl.devices import DeviceProfile, paper_fleet, tiers
 from fedspine.fl.messages import Failure, TrainIns, TrainRes
@@ -82,7 +83,7 @@ class Simulation:
     """Builds everything from a validated ``RunConfig`` and runs rounds."""
 
     def __init__(self, cfg: RunConfig):
-        self.cfg = cfg
+        self.cfg = check(cfg)  # a bad config is refused here, before any model or data is loaded
         streams = np.random.SeedSequence(cfg.seed).spawn(4)  # partition, sampling, jitter, strategy
         self.rng_sampling = np.random.default_rng(streams[1])
         self.rng_jitter = np.random.default_rng(streams[2])
@@ -146,16 +147,7 @@ class Simulation:
             aggregation=cfg.strategy.aggregation,
             server_lr=t.server_lr,
             server_momentum=t.server_momentum,
-            client_config={
-                "local_steps": t.local_steps,
-                "lr": t.lr,
-                "prune_interval": t.prune_interval,
-                "round_to": t.round_to,
-                "importance": t.importance,
-                "loss": t.loss,
-                "head_lr": t.head_lr,
-                "seed": cfg.seed,
-            },
+            client_config=t.client(),
         )
         self.local: dict[str, LocalState] = {}
         self.clock_s = 0.0

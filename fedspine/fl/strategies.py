@@ -1,9 +1,11 @@
 """Strategies: what each device is told to do each round, and which aggregation rule applies.
 
 Every method, FedSpine and the baselines, runs through the same round loop, the same client
-step, data, clock and time model; a strategy only answers "which (ratio, rank) for which
-device" and "which aggregation rule". Adding a baseline is one small class and one registry
-entry. numpy only.
+step, data, clock and time model; a strategy (an ``ArmAssigner``) only answers "which (ratio,
+rank) for which device" and "which aggregation rule". Its options are one small frozen
+dataclass (``FedSpineParams``, ``FixedPruneParams``, ...; peft's config style), built from
+``strategy.params`` and validated field by field. Adding a baseline is one small class, its
+params dataclass and one registry entry. numpy only.
 """
 
 from __future__ import annotations
@@ -14,36 +16,142 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from fedspine.bandit import Allocator, Arm, ArmSpace, RewardConfig, RoundReport
+from fedspine.bandit import POLICIES, Allocator, Arm, ArmSpace, RewardConfig, RoundReport
+from fedspine.bandit.allocator import OBJECTIVES
+from fedspine.config import from_mapping, require
 from fedspine.fl.messages import Failure, TrainRes
+
+PARAMS = "strategy.params."  # how errors name a strategy's parameters
+
+# Default per-tier settings for the tier-based baselines, for the paper's tiers (ours).
+TIER_RANKS = {"tx2": 4, "nx": 8, "agx": 16, "orin": 16}
+TIER_RATIOS = {"tx2": 0.6, "nx": 0.4, "agx": 0.2, "orin": 0.0}
+
+
+# --- typed parameters, one dataclass per strategy (``strategy.params`` in a run config) ----------
+def _check_rank(rank: int) -> None:
+    require(rank >= 1, f"{PARAMS}rank", ">= 1", rank)
+
+
+def _check_ratio(ratio: float, name: str) -> None:
+    require(0 <= ratio < 1, f"{PARAMS}{name}", "in [0, 1)", ratio)
+
+
+def _check_table(table: Mapping[str, Any], name: str) -> None:
+    require(len(table) > 0, f"{PARAMS}{name}", "a non-empty tier -> value mapping", table)
 
 
 @dataclass(frozen=True)
+class NoParams:
+    """A strategy without parameters."""
+
+
+@dataclass(frozen=True)
+class FedSpineParams:
+    """The allocator's settings (``fedspine.bandit.Allocator`` documents each)."""
+
+    objective: str = "deadline"  # one of fedspine.bandit.allocator.OBJECTIVES
+    policy: str | None = None  # a policy of fedspine.bandit.POLICIES; None: the objective's own
+    policy_params: dict[str, Any] | None = None  # its constructor's options (checked by the policy)
+    safe_slack: float | None = 0.05  # objective "paper": safe exploration's slack; None: off
+    deadline_slack: float = 0.0  # objective "deadline": headroom on the learnt deadline
+    explore_factor: float = 1.25  # objective "deadline": how far above the deadline to explore
+    reward: RewardConfig = field(default_factory=RewardConfig)
+
+    def __post_init__(self) -> None:
+        o = self.objective
+        require(o in OBJECTIVES, f"{PARAMS}objective", f"one of {list(OBJECTIVES)}", o)
+        ok = self.policy is None or self.policy in POLICIES
+        require(ok, f"{PARAMS}policy", f"None or one of {sorted(POLICIES)}", self.policy)
+        ok = self.safe_slack is None or self.safe_slack >= 0
+        require(ok, f"{PARAMS}safe_slack", "None (off) or >= 0", self.safe_slack)
+        require(self.deadline_slack >= 0, f"{PARAMS}deadline_slack", ">= 0", self.deadline_slack)
+        require(self.explore_factor >= 1, f"{PARAMS}explore_factor", ">= 1", self.explore_factor)
+
+
+@dataclass(frozen=True)
+class FedAvgLoRAParams:
+    rank: int = 8  # everyone's LoRA rank
+
+    def __post_init__(self) -> None:
+        _check_rank(self.rank)
+
+
+@dataclass(frozen=True)
+class TierRankParams:
+    """HetLoRA, FlexLoRA, FLoRA: the LoRA rank of each device tier."""
+
+    tier_ranks: dict[str, int] = field(default_factory=lambda: dict(TIER_RANKS))
+
+    def __post_init__(self) -> None:
+        _check_table(self.tier_ranks, "tier_ranks")
+        for tier, rank in self.tier_ranks.items():
+            require(rank >= 1, f"{PARAMS}tier_ranks.{tier}", ">= 1", rank)
+
+
+@dataclass(frozen=True)
+class FixedPruneParams:
+    ratio: float = 0.4  # everyone's pruning ratio
+    rank: int = 8
+
+    def __post_init__(self) -> None:
+        _check_ratio(self.ratio, "ratio")
+        _check_rank(self.rank)
+
+
+@dataclass(frozen=True)
+class TierPruneParams:
+    tier_ratios: dict[str, float] = field(default_factory=lambda: dict(TIER_RATIOS))
+    rank: int = 8
+
+    def __post_init__(self) -> None:
+        _check_table(self.tier_ratios, "tier_ratios")
+        for tier, ratio in self.tier_ratios.items():
+            _check_ratio(ratio, f"tier_ratios.{tier}")
+        _check_rank(self.rank)
+
+
+# --- strategies --------------------------------------------------------------------------------
+@dataclass(frozen=True)
 class StrategyContext:
     """What every strategy may know: the arm space, each device's tier (a label only some
-    baselines use, e.g. HetLoRA assigns ranks by tier; FedSpine ignores it), and a seed."""
+    baselines use, e.g. HetLoRA assigns ranks by tier; FedSpine ignores it), a seed, and its
+    parameters (a mapping, as in a run config, or the strategy's ``Params`` instance)."""
 
     space: ArmSpace
     tiers: Mapping[str, str]
     seed: int = 0
-    params: Mapping[str, Any] = field(default_factory=dict)  # strategy-specific options
+    params: Any = field(default_factory=dict)
 
 
-class Strategy:
+class ArmAssigner:
+    """A federated method as fedspine runs it: which arm (pruning ratio, LoRA rank) each sampled
+    device trains with this round, and which aggregation rule combines the results.
+
+    Not Flower's ``Strategy``: the round loop, the projection of the global adapter and the
+    aggregation belong to ``fedspine.fl.server`` / ``simulator``; an assigner only chooses arms
+    (``configure``) and may learn from what came back (``observe``). Its typed parameters are
+    ``self.params``, an instance of its ``Params`` dataclass, validated on construction.
+    """
+
     name: ClassVar[str]
     aggregation: ClassVar[str]  # a rule of fedspine.lora.aggregate.AGGREGATORS
     prunes: ClassVar[bool] = True
+    Params: ClassVar[type] = NoParams
 
     def __init__(self, ctx: StrategyContext):
         self.ctx = ctx
-        allowed = self.param_names()
-        unknown = sorted(set(ctx.params) - set(allowed))
-        if unknown:
-            raise ValueError(f"unknown parameter(s) {unknown} for strategy {self.name!r}; allowed: {allowed}")
+        self.params = self.parse_params(ctx.params)
 
     @classmethod
-    def param_names(cls) -> list[str]:
-        return []
+    def parse_params(cls, raw: Any) -> Any:
+        """``raw`` (a mapping, as in ``strategy.params``) as a validated ``cls.Params``."""
+        if isinstance(raw, cls.Params):
+            return raw
+        try:
+            return from_mapping(cls.Params, dict(raw), PARAMS)
+        except ValueError as exc:
+            raise ValueError(f"strategy {cls.name!r}: {exc}") from None
 
     def configure(self, rnd: int, devices: Sequence[str]) -> dict[str, Arm]:
         raise NotImplementedError
@@ -64,12 +172,8 @@ class Strategy:
         if state:
             raise ValueError(f"strategy {self.name!r} keeps no state, got {sorted(state)}")
 
-    # helpers
-    def _param(self, name: str, default: Any) -> Any:
-        return self.ctx.params.get(name, default)
 
-
-class FedSpine(Strategy):
+class FedSpine(ArmAssigner):
     """The paper's method: an online bandit picks every device's (ratio, rank) from observed
     round outcomes, with no knowledge of device speed (``fedspine.bandit``). The default objective
     ``"deadline"`` (ours) learns a common round deadline and gives each device the arm its spare
@@ -84,31 +188,21 @@ class FedSpine(Strategy):
 
     name = "fedspine"
     aggregation = "zero-pad"
-
-    @classmethod
-    def param_names(cls) -> list[str]:
-        return [
-            "objective",
-            "policy",
-            "policy_params",
-            "safe_slack",
-            "deadline_slack",
-            "explore_factor",
-            "reward",
-        ]
+    Params = FedSpineParams
 
     def __init__(self, ctx: StrategyContext):
         super().__init__(ctx)
+        p = self.params
         self.allocator = Allocator(
             ctx.space,
-            policy=self._param("policy", None),
-            policy_params=self._param("policy_params", None),
-            reward=RewardConfig(**self._param("reward", {})),
+            policy=p.policy,
+            policy_params=p.policy_params,
+            reward=p.reward,
             seed=ctx.seed,
-            safe_slack=self._param("safe_slack", 0.05),
-            objective=self._param("objective", "deadline"),
-            deadline_slack=self._param("deadline_slack", 0.0),
-            explore_factor=self._param("explore_factor", 1.25),
+            safe_slack=p.safe_slack,
+            objective=p.objective,
+            deadline_slack=p.deadline_slack,
+            explore_factor=p.explore_factor,
         )
 
     def configure(self, rnd: int, devices: Sequence[str]) -> dict[str, Arm]:
@@ -149,7 +243,7 @@ class FedSpine(Strategy):
         self.allocator.load_state_dict(state["allocator"])
 
 
-class _Fixed(Strategy):
+class _Fixed(ArmAssigner):
     """Base for baselines whose arm does not depend on what the rounds report."""
 
     def arm_for(self, device: str) -> Arm:
@@ -159,8 +253,8 @@ class _Fixed(Strategy):
         return {d: self.arm_for(d) for d in devices}
 
 
-def _by_tier(strategy: Strategy, key: str, default: Mapping[str, Any], device: str) -> Any:
-    table = strategy._param(key, default)
+def _by_tier(strategy: ArmAssigner, key: str, device: str) -> Any:
+    table = getattr(strategy.params, key)
     tier = strategy.ctx.tiers.get(device)
     if tier not in table:
         raise ValueError(
@@ -173,10 +267,6 @@ def _by_tier(strategy: Strategy, key: str, default: Mapping[str, Any], device: s
 # channels), so a comparison with them measures the arm choice alone.
 PRUNING_BASELINE_RULE = FedSpine.aggregation
 
-# Default per-tier settings for the tier-based baselines, for the paper's tiers (ours).
-TIER_RANKS = {"tx2": 4, "nx": 8, "agx": 16, "orin": 16}
-TIER_RATIOS = {"tx2": 0.6, "nx": 0.4, "agx": 0.2, "orin": 0.0}
-
 
 class FedAvgLoRA(_Fixed):
     """FedAvg of LoRA adapters (FedIT-style): no pruning, one rank for everyone."""
@@ -184,13 +274,10 @@ class FedAvgLoRA(_Fixed):
     name = "fedavg-lora"
     aggregation = "zero-pad"
     prunes = False
-
-    @classmethod
-    def param_names(cls) -> list[str]:
-        return ["rank"]
+    Params = FedAvgLoRAParams
 
     def arm_for(self, device: str) -> Arm:
-        return Arm(0.0, int(self._param("rank", 8)))
+        return Arm(0.0, self.params.rank)
 
 
 class HetLoRA(_Fixed):
@@ -199,13 +286,10 @@ class HetLoRA(_Fixed):
     name = "hetlora"
     aggregation = "hetlora"
     prunes = False
-
-    @classmethod
-    def param_names(cls) -> list[str]:
-        return ["tier_ranks"]
+    Params = TierRankParams
 
     def arm_for(self, device: str) -> Arm:
-        return Arm(0.0, int(_by_tier(self, "tier_ranks", TIER_RANKS, device)))
+        return Arm(0.0, int(_by_tier(self, "tier_ranks", device)))
 
 
 class FlexLoRA(HetLoRA):
@@ -227,13 +311,10 @@ class FixedPrune(_Fixed):
 
     name = "fixed-prune"
     aggregation = PRUNING_BASELINE_RULE
-
-    @classmethod
-    def param_names(cls) -> list[str]:
-        return ["ratio", "rank"]
+    Params = FixedPruneParams
 
     def arm_for(self, device: str) -> Arm:
-        return Arm(float(self._param("ratio", 0.4)), int(self._param("rank", 8)))
+        return Arm(self.params.ratio, self.params.rank)
 
 
 class TierPrune(_Fixed):
@@ -241,16 +322,13 @@ class TierPrune(_Fixed):
 
     name = "tier-prune"
     aggregation = PRUNING_BASELINE_RULE
-
-    @classmethod
-    def param_names(cls) -> list[str]:
-        return ["tier_ratios", "rank"]
+    Params = TierPruneParams
 
     def arm_for(self, device: str) -> Arm:
-        return Arm(float(_by_tier(self, "tier_ratios", TIER_RATIOS, device)), int(self._param("rank", 8)))
+        return Arm(float(_by_tier(self, "tier_ratios", device)), self.params.rank)
 
 
-class RandomArm(Strategy):
+class RandomArm(ArmAssigner):
     """A uniformly random arm of the same space each round (seeded): the no-learning control."""
 
     name = "random-arm"
@@ -271,13 +349,13 @@ class RandomArm(Strategy):
         self.rng.bit_generator.state = state["rng"]
 
 
-STRATEGIES: dict[str, type[Strategy]] = {
+STRATEGIES: dict[str, type[ArmAssigner]] = {
     cls.name: cls
     for cls in (FedSpine, FedAvgLoRA, HetLoRA, FlexLoRA, FLoRA, FixedPrune, TierPrune, RandomArm)
 }
 
 
-def make_strategy(name: str, ctx: StrategyContext) -> Strategy:
+def make_strategy(name: str, ctx: StrategyContext) -> ArmAssigner:
     if name not in STRATEGIES:
         raise ValueError(f"strategy must be one of {sorted(STRATEGIES)}, got {name!r}")
     return STRATEGIES[name](ctx)

@@ -32,10 +32,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from fedspine.config import load_config
+    from fedspine.fl.build import check
     from fedspine.flower.local import LocalFederation, write_app
 
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = check(load_config(args.config, args.overrides))
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

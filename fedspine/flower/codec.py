@@ -9,6 +9,7 @@ disk (the state itself never travels).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from typing import Any
@@ -16,11 +17,12 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
+from fedspine.config import ClientConfig, from_mapping
 from fedspine.fl.messages import TrainIns, TrainRes
 from fedspine.pruning.index_map import KeptIndexMap
 
 # record keys, one per record type
-INS = "fedspine.ins"  # ConfigRecord: round, device, arm, client config (JSON), held-state digest
+INS = "fedspine.ins"  # ConfigRecord: round, device, arm, client config (JSON), seed, held-state digest
 ADAPTER = "fedspine.adapter"  # ArrayRecord: the adapter (server -> device: projected; back: the device's)
 BASE_DELTA = "fedspine.base-delta"  # ArrayRecord, FLoRA-style rules only
 RES = "fedspine.res"  # ConfigRecord: round, device, rank, samples, kept map (JSON)
@@ -45,7 +47,9 @@ def encode_ins(ins: TrainIns, held: KeptIndexMap) -> RecordDict:
                     "device-id": ins.device_id,
                     "ratio": float(ins.ratio),
                     "rank": ins.rank,
-                    "config": json.dumps(ins.config),  # JSON: keeps ints, floats and None as they are
+                    # JSON: keeps ints, floats and None as they are
+                    "config": json.dumps(dataclasses.asdict(ins.config)),
+                    "seed": ins.seed,
                     "held": kept_digest(held),
                 }
             ),
@@ -68,7 +72,8 @@ def decode_ins(content: RecordDict) -> tuple[TrainIns, str]:
         rank=int(head["rank"]),
         adapter=_numpy(_record(content, ADAPTER, ArrayRecord)),
         base_delta=base,
-        config=json.loads(str(head["config"])),
+        config=from_mapping(ClientConfig, json.loads(str(head["config"])), "config."),
+        seed=int(head["seed"]),
     )
     return ins, str(head["held"])
 

@@ -60,11 +60,11 @@ from fedspine.lora.coords import (
     LORA_A,
     LORA_B,
     SliceLike,
-    _slice_of,
     lift,
     pad_rank,
     project,
     split_key,
+    take_block,
 )
 
 DELTA = "delta"  # FlexLoRA: the aggregated full-size update B·A
@@ -441,6 +441,30 @@ class FedSpineRule(_Factorised):
 
 
 # --- full-size rules: FlexLoRA, FLoRA -------------------------------------------------------------
+def _init_full_size(
+    global_shapes: Shapes,
+    r_max: int,
+    rng: np.random.Generator | int,
+    heads: Mapping[str, np.ndarray] | None,
+    leaf: str,
+) -> State:
+    """Factors A ~ U(±1/√d_in), B = 0, a zero full-size matrix ``p.<leaf>`` per module, heads."""
+    state = _init_factors(global_shapes, r_max, rng)
+    for path in sorted(global_shapes):
+        state[f"{path}.{leaf}"] = np.zeros(tuple(int(d) for d in global_shapes[path]), dtype=np.float32)
+    return _with_heads(state, heads)
+
+
+def _full_size_state(
+    global_state: Mapping[str, np.ndarray], path: str, global_shapes: Shapes, r_max: int, leaf: str
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(A, ``p.<leaf>``) of module ``path`` in ``global_state``, every shape checked (None if absent)."""
+    d_out, d_in = (int(d) for d in global_shapes[path])
+    prev_a = _check_shape(global_state, f"{path}.{LORA_A}", (r_max, d_in))
+    _check_shape(global_state, f"{path}.{LORA_B}", (d_out, r_max))
+    return prev_a, _check_shape(global_state, f"{path}.{leaf}", (d_out, d_in))
+
+
 def _round_product(
     updates: Sequence[DeviceUpdate],
     path: str,
@@ -499,10 +523,7 @@ class FlexLoRARule:
         heads: Mapping[str, np.ndarray] | None = None,
     ) -> State:
         """ΔW = 0 with factors A ~ U(±1/√d_in), B = 0 (peft's init; an SVD of 0 would give A = I rows)."""
-        state = _init_factors(global_shapes, r_max, rng)
-        for path in sorted(global_shapes):
-            state[f"{path}.{DELTA}"] = np.zeros(tuple(int(d) for d in global_shapes[path]), dtype=np.float32)
-        return _with_heads(state, heads)
+        return _init_full_size(global_shapes, r_max, rng, heads, DELTA)
 
     def aggregate(
         self,
@@ -516,13 +537,9 @@ class FlexLoRARule:
         weights = [float(u.num_samples) for u in updates]
         out = _copy_state(global_state)
         for path in _update_paths(updates, global_shapes):
-            d_out, d_in = (int(d) for d in global_shapes[path])
-            for kind, want in ((LORA_A, (r_max, d_in)), (LORA_B, (d_out, r_max))):
-                _check_shape(global_state, f"{path}.{kind}", want)
-            key = f"{path}.{DELTA}"
-            previous = _check_shape(global_state, key, (d_out, d_in))
+            _, previous = _full_size_state(global_state, path, global_shapes, r_max, DELTA)
             delta = _round_product(updates, path, global_shapes, weights, previous)
-            out[key] = delta.astype(np.float32)
+            out[f"{path}.{DELTA}"] = delta.astype(np.float32)
             out[f"{path}.{LORA_B}"], out[f"{path}.{LORA_A}"] = self._factors(delta, r_max)
         _aggregate_heads(out, global_state, updates)
         return out
@@ -591,10 +608,7 @@ class FLoRARule:
         heads: Mapping[str, np.ndarray] | None = None,
     ) -> State:
         """merged = 0, A ~ U(±1/√d_in), B = 0; ``heads`` copied."""
-        state = _init_factors(global_shapes, r_max, rng)
-        for path in sorted(global_shapes):
-            state[f"{path}.{MERGED}"] = np.zeros(tuple(int(d) for d in global_shapes[path]), dtype=np.float32)
-        return _with_heads(state, heads)
+        return _init_full_size(global_shapes, r_max, rng, heads, MERGED)
 
     def aggregate(
         self,
@@ -611,9 +625,7 @@ class FLoRARule:
         for path in _update_paths(updates, global_shapes):
             d_out, d_in = (int(d) for d in global_shapes[path])
             a_key, b_key, m_key = (f"{path}.{k}" for k in (LORA_A, LORA_B, MERGED))
-            prev_a = _check_shape(global_state, a_key, (r_max, d_in))
-            _check_shape(global_state, b_key, (d_out, r_max))
-            merged = _check_shape(global_state, m_key, (d_out, d_in))
+            prev_a, merged = _full_size_state(global_state, path, global_shapes, r_max, MERGED)
             delta = _round_product(updates, path, global_shapes, weights, None)
             base = np.zeros((d_out, d_in)) if merged is None else merged.astype(np.float64)
             out[m_key] = (base + self.scaling * delta).astype(np.float32)
@@ -634,10 +646,7 @@ class FLoRARule:
         for key, value in global_state.items():
             path, _, leaf = key.rpartition(".")
             if leaf == MERGED:
-                arr = np.asarray(value)
-                rows, cols = _slice_of(slices, path, arr.shape)
-                arr = arr if rows is None else arr[rows]
-                base[path] = np.array(arr if cols is None else arr[:, cols], dtype=np.float32)
+                base[path] = take_block(value, slices, path)
         return Distribution(_adapter(global_state, slices, rank), base)
 
 

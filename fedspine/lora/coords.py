@@ -80,6 +80,15 @@ def _slice_of(
     )
 
 
+def take_block(matrix: np.ndarray, slices: Mapping[str, SliceLike], path: str) -> np.ndarray:
+    """The rows and columns of module ``path``'s full-size (d_out, d_in) ``matrix`` that the slice
+    keeps (all of them without a slice for ``path``), as float32."""
+    arr = np.asarray(matrix)
+    rows, cols = _slice_of(slices, path, arr.shape)
+    arr = arr if rows is None else arr[rows]
+    return np.array(arr if cols is None else arr[:, cols], dtype=np.float32)
+
+
 def _check_rank(rank: int, what: str = "rank") -> None:
     if isinstance(rank, bool) or not isinstance(rank, int | np.integer) or rank < 1:
         raise ValueError(f"{what} must be a positive integer, got {rank!r}")

@@ -33,6 +33,14 @@ from fedspine.pruning.structured import (
     unit_scores,
 )
 
+LORA_GRADIENT = "lora_gradient"  # FedSpine's criterion, computed here during the local steps
+
+
+def importance_names() -> list[str]:
+    """The criteria ``PruneAndTune`` accepts: ``"lora_gradient"`` and every registered one."""
+    return [LORA_GRADIENT, *sorted(IMPORTANCE)]
+
+
 # Which side of each role's weight a unit owns: rows ("out") or columns ("in").
 _AXIS = {"q": "out", "k": "out", "v": "out", "o": "in", "mlp_in": "out", "mlp_out": "in"}
 
@@ -96,10 +104,8 @@ class PruneAndTune:
     ):
         if not isinstance(model, PeftModel):
             raise ValueError("model must be a peft model (fedspine.lora.attach)")
-        if importance != "lora_gradient" and importance not in IMPORTANCE:
-            raise ValueError(
-                f"importance must be one of {['lora_gradient', *sorted(IMPORTANCE)]}, got {importance!r}"
-            )
+        if importance not in importance_names():
+            raise ValueError(f"importance must be one of {importance_names()}, got {importance!r}")
         if importance == "taylor" and calib is None:
             raise ValueError("importance 'taylor' needs calib (a batch) to score units at each prune")
         if total_steps < 0:

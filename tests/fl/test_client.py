@@ -1,8 +1,11 @@
+import dataclasses
+
 import numpy as np
 import pytest
+import tiny_models
 import torch
-from transformers import BertConfig, BertForSequenceClassification
 
+from fedspine.config import ClientConfig, from_mapping
 from fedspine.fl.client import LocalData, LocalState, client_step
 from fedspine.fl.messages import TrainIns
 from fedspine.lora import attach, extract
@@ -13,17 +16,9 @@ VOCAB = 64
 
 
 def tiny_bert(seed=0):
-    torch.manual_seed(seed)
-    cfg = BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=32,
-        num_labels=2,
+    return tiny_models.tiny_bert(
+        seed, vocab_size=VOCAB, hidden_size=32, intermediate_size=64, max_position_embeddings=32
     )
-    return BertForSequenceClassification(cfg)
 
 
 def local_data(seed=0, n=32):
@@ -44,7 +39,7 @@ def global_adapter(rank=8):
     return extract(attach(tiny_bert(), rank, seed=123))
 
 
-def ins_for(state, rank, ratio, rnd=1, config=None):
+def ins_for(state, rank, ratio, rnd=1, seed=0, **config):
     slices = module_slices(state.model, state.kept_map)
     return TrainIns(
         rnd,
@@ -52,7 +47,8 @@ def ins_for(state, rank, ratio, rnd=1, config=None):
         ratio,
         rank,
         project(global_adapter(), slices, rank=rank),
-        config={"local_steps": 6, "prune_interval": 3, "lr": 1e-2, **(config or {})},
+        config=ClientConfig(**{"local_steps": 6, "prune_interval": 3, "lr": 1e-2, **config}),
+        seed=seed,
     )
 
 
@@ -87,13 +83,18 @@ def test_client_step_is_reproducible_for_the_same_seed_device_and_round():
     assert a.kept_map == b.kept_map and a.loss_after == b.loss_after
     for key in a.adapter:
         np.testing.assert_array_equal(a.adapter[key], b.adapter[key])
-    c, _ = client_step(ins_for(fresh_state(), 4, 0.3, config={"seed": 1}), fresh_state(), local_data())
+    c, _ = client_step(ins_for(fresh_state(), 4, 0.3, seed=1), fresh_state(), local_data())
     assert any(not np.array_equal(a.adapter[k], c.adapter[k]) for k in a.adapter)
 
 
-def test_unknown_client_config_is_rejected():
-    with pytest.raises(ValueError, match=r"unknown client config key\(s\) \['local_stpes'\]"):
-        client_step(ins_for(fresh_state(), 4, 0.3, config={"local_stpes": 3}), fresh_state(), local_data())
+def test_client_config_is_typed_and_checked_field_by_field():
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \['config.local_stpes'\]"):
+        from_mapping(ClientConfig, {"local_stpes": 3}, "config.")  # as a message decodes it
+    with pytest.raises(ValueError, match="client.local_steps must be >= 1, got 0"):
+        ClientConfig(local_steps=0)
+    ins = dataclasses.replace(ins_for(fresh_state(), 4, 0.3), config={"local_steps": 3})
+    with pytest.raises(ValueError, match="TrainIns.config must be a ClientConfig, got dict"):
+        client_step(ins, fresh_state(), local_data())
 
 
 def skewed_data(n=64, minority=6):
@@ -114,7 +115,7 @@ def skewed_data(n=64, minority=6):
 
 def head_bias_shift(loss):
     state = fresh_state()
-    ins = ins_for(state, 4, 0.0, config={"loss": loss, "local_steps": 12})
+    ins = ins_for(state, 4, 0.0, loss=loss, local_steps=12)
     res, _ = client_step(ins, state, skewed_data())
     bias = res.adapter["classifier.bias"]
     return float(bias[0] - bias[1])
@@ -129,16 +130,16 @@ def test_logit_adjusted_loss_keeps_a_skewed_device_from_learning_its_label_prior
 def test_logit_adjusted_loss_needs_label_counts_and_bad_losses_are_named():
     state = fresh_state()
     with pytest.raises(ValueError, match="needs LocalData.label_counts"):
-        client_step(ins_for(state, 4, 0.0, config={"loss": "logit-adjusted"}), state, local_data())
+        client_step(ins_for(state, 4, 0.0, loss="logit-adjusted"), state, local_data())
     with pytest.raises(ValueError, match=r"loss must be one of \['ce', 'logit-adjusted'\], got 'focal'"):
-        client_step(ins_for(state, 4, 0.0, config={"loss": "focal"}), state, local_data())
+        client_step(ins_for(state, 4, 0.0, loss="focal"), state, local_data())
 
 
 def test_head_gets_its_own_learning_rate():
     def head_step(head_lr):
         state = fresh_state()
         start = extract(attach(tiny_bert(), 8, seed=123))["classifier.weight"]
-        ins = ins_for(state, 4, 0.0, config={"lr": 1e-3, "head_lr": head_lr})
+        ins = ins_for(state, 4, 0.0, lr=1e-3, head_lr=head_lr)
         res, _ = client_step(ins, state, local_data())
         return float(np.abs(res.adapter["classifier.weight"] - start).max())
 

@@ -12,6 +12,7 @@ from fedspine.fl.devices import (
     AGX_XAVIER,
     GIB,
     JETSON_TX2,
+    PAPER_MIX,
     PROFILES,
     XAVIER_NX,
     DeviceProfile,
@@ -247,3 +248,14 @@ def test_device_and_time_model_import_without_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_fleet_mix_is_the_bandits_one_definition():
+    from collections import Counter
+
+    from fedspine.bandit.synthetic import PAPER_TIERS, SyntheticFleet
+
+    assert [(p.name, k / 80) for p, k in PAPER_MIX] == [(name, share) for name, share, _, _ in PAPER_TIERS]
+    for n in range(1, 100):
+        tiers = Counter(SyntheticFleet.paper_mix(n).tiers)
+        assert (tiers["tx2"], tiers["nx"], tiers["agx"]) == paper_mix_counts(n)

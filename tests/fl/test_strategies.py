@@ -1,10 +1,18 @@
+import dataclasses
 import json
 
 import pytest
 
 from fedspine.bandit import Arm, ArmSpace
 from fedspine.fl.messages import Failure, TrainRes
-from fedspine.fl.strategies import STRATEGIES, StrategyContext, make_strategy
+from fedspine.fl.strategies import (
+    STRATEGIES,
+    ArmAssigner,
+    FixedPruneParams,
+    NoParams,
+    StrategyContext,
+    make_strategy,
+)
 
 SPACE = ArmSpace.grid([0.0, 0.2, 0.4, 0.6], [4, 8, 16])
 TIERS = {"a": "tx2", "b": "nx", "c": "agx"}
@@ -53,7 +61,65 @@ def test_tier_baselines_follow_the_tier_tables_and_name_missing_tiers():
     assert tp.configure(1, ["a", "b"]) == {"a": Arm(0.5, 4), "b": Arm(0.3, 4)}
     with pytest.raises(ValueError, match="no tier_ranks entry for tier 'nx'"):
         make_strategy("hetlora", ctx(tier_ranks={"tx2": 4})).configure(1, ["b"])
-    with pytest.raises(ValueError, match=r"unknown parameter\(s\) \['rnak'\] for strategy 'fixed-prune'"):
+    with pytest.raises(
+        ValueError, match=r"strategy 'fixed-prune': unknown field\(s\) \['strategy.params.rnak'\]"
+    ):
         make_strategy("fixed-prune", ctx(rnak=4))
     with pytest.raises(ValueError, match="strategy must be one of"):
         make_strategy("fedprox", ctx())
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_every_strategy_has_typed_frozen_params_with_defaults(name):
+    cls = STRATEGIES[name]
+    assert issubclass(cls, ArmAssigner) and dataclasses.is_dataclass(cls.Params)
+    s = make_strategy(name, ctx())
+    assert s.params == cls.Params() and isinstance(s.params, cls.Params)
+    if dataclasses.fields(cls.Params):
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(s.params, dataclasses.fields(cls.Params)[0].name, None)
+
+
+@pytest.mark.parametrize(
+    "name, params, message",
+    [
+        ("fixed-prune", {"ratio": 1.5}, r"strategy.params.ratio must be in \[0, 1\), got 1.5"),
+        ("fixed-prune", {"rank": "8"}, r"strategy.params.rank must be int, got '8'"),
+        ("fedavg-lora", {"rank": 0}, r"strategy.params.rank must be >= 1, got 0"),
+        ("hetlora", {"tier_ranks": {"tx2": 0}}, r"strategy.params.tier_ranks.tx2 must be >= 1, got 0"),
+        ("flora", {"tier_ranks": {}}, r"strategy.params.tier_ranks must be a non-empty tier -> value"),
+        ("tier-prune", {"tier_ratios": {"nx": -0.1}}, r"tier_ratios.nx must be in \[0, 1\), got -0.1"),
+        (
+            "fedspine",
+            {"policy": "ucb2"},
+            r"strategy.params.policy must be None or one of \[.*'ucb1'.*\], got 'ucb2'",
+        ),
+        (
+            "fedspine",
+            {"objective": "makespan"},
+            r"strategy.params.objective must be one of \['deadline', 'paper'\]",
+        ),
+        ("fedspine", {"explore_factor": 0.5}, r"strategy.params.explore_factor must be >= 1, got 0.5"),
+        ("fedspine", {"safe_slack": -1.0}, r"strategy.params.safe_slack must be None \(off\) or >= 0"),
+        (
+            "fedspine",
+            {"reward": {"loss_wieght": 1.0}},
+            r"unknown field\(s\) \['strategy.params.reward.loss_wieght'\]",
+        ),
+        (
+            "random-arm",
+            {"rank": 4},
+            r"'random-arm': unknown field\(s\) \['strategy.params.rank'\]; allowed: \[\]",
+        ),
+    ],
+)
+def test_bad_strategy_params_name_the_field_the_value_and_what_is_allowed(name, params, message):
+    with pytest.raises(ValueError, match=message):
+        make_strategy(name, ctx(**params))
+
+
+def test_params_come_from_a_mapping_or_ready_made():
+    typed = make_strategy("fixed-prune", StrategyContext(SPACE, TIERS, params=FixedPruneParams(ratio=0.2)))
+    assert typed.configure(1, ["a"]) == {"a": Arm(0.2, 8)}
+    assert make_strategy("fixed-prune", ctx(ratio=0)).params.ratio == 0.0  # YAML's 0 is the float 0.0
+    assert make_strategy("random-arm", ctx()).params == NoParams()

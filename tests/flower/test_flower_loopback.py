@@ -13,6 +13,7 @@ from flwr.app import RecordDict  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 from loopback import LoopbackGrid  # noqa: E402
 
+from fedspine.config import ClientConfig  # noqa: E402
 from fedspine.fl import checkpoint  # noqa: E402
 from fedspine.fl.messages import Failure, TrainIns, TrainRes  # noqa: E402
 from fedspine.fl.simulator import Simulation, run  # noqa: E402
@@ -66,12 +67,14 @@ def test_codec_round_trip_is_exact():
         4,
         arrays,
         {"w": rng.normal(size=(2, 2))},
-        {"lr": 5e-4, "local_steps": 4, "head_lr": None},
+        ClientConfig(lr=5e-4, local_steps=4, head_lr=None, loss="logit-adjusted"),
+        seed=7,
     )
     full = KeptIndexMap.full(ArchShape(2, 4, 4, 16, 128, 64))
     back, held = codec.decode_ins(codec.encode_ins(ins, full))
     assert held == codec.kept_digest(full)
-    assert (back.round, back.device_id, back.ratio, back.rank, back.config) == (3, "d002", 0.3, 4, ins.config)
+    assert (back.round, back.device_id, back.ratio, back.rank, back.seed) == (3, "d002", 0.3, 4, 7)
+    assert back.config == ins.config and isinstance(back.config, ClientConfig)
     assert all(
         np.array_equal(back.adapter[k], v) and back.adapter[k].dtype == v.dtype for k, v in arrays.items()
     )

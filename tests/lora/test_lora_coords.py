@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from fedspine.lora.coords import lift, pad_rank, project, rank_of, truncate_rank
+from fedspine.lora.coords import lift, pad_rank, project, rank_of, take_block, truncate_rank
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,16 @@ def test_lift_by_hand():
     np.testing.assert_array_equal(lifted.masks["l.v.lora_B"], [[True], [False], [False], [True]])
     assert all(t.dtype == np.float32 for t in lifted.tensors.values())
     assert all(m.dtype == bool for m in lifted.masks.values())
+
+
+def test_take_block_by_hand():
+    full = np.arange(20, dtype=np.float64).reshape(4, 5)  # l.v: rows 0, 3 and cols 1, 2, 4 kept
+    block = take_block(full, SLICES, "l.v")
+    np.testing.assert_array_equal(block, [[1, 2, 4], [16, 17, 19]])
+    assert block.dtype == np.float32
+    np.testing.assert_array_equal(take_block(full, SLICES, "l.unsliced"), full)
+    with pytest.raises(ValueError, match="out_idx"):
+        take_block(full[:2], SLICES, "l.v")  # row 3 is out of range
 
 
 @pytest.mark.parametrize("rank", [1, 3])
