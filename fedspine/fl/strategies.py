@@ -56,6 +56,7 @@ class FedSpineParams:
     safe_slack: float | None = 0.05  # objective "paper": safe exploration's slack; None: off
     deadline_slack: float = 0.0  # objective "deadline": headroom on the learnt deadline
     explore_factor: float = 1.25  # objective "deadline": how far above the deadline to explore
+    prune_elasticity: float = 0.8  # objective "deadline": guessed time ~ kept fraction ** this
     reward: RewardConfig = field(default_factory=RewardConfig)
 
     def __post_init__(self) -> None:
@@ -67,6 +68,7 @@ class FedSpineParams:
         require(ok, f"{PARAMS}safe_slack", "None (off) or >= 0", self.safe_slack)
         require(self.deadline_slack >= 0, f"{PARAMS}deadline_slack", ">= 0", self.deadline_slack)
         require(self.explore_factor >= 1, f"{PARAMS}explore_factor", ">= 1", self.explore_factor)
+        require(self.prune_elasticity >= 0, f"{PARAMS}prune_elasticity", ">= 0", self.prune_elasticity)
 
 
 @dataclass(frozen=True)
@@ -203,6 +205,8 @@ class FedSpine(ArmAssigner):
             objective=p.objective,
             deadline_slack=p.deadline_slack,
             explore_factor=p.explore_factor,
+            prune_elasticity=p.prune_elasticity,
+            monotone_pruning=True,  # a simulated device never regrows what it pruned
         )
 
     def configure(self, rnd: int, devices: Sequence[str]) -> dict[str, Arm]:
