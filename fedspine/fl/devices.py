@@ -62,6 +62,12 @@ class LinkSpec:
 # MB/s of sustained payload throughput, with the uplink slower than the downlink (20 / 50 Mbit/s).
 WIFI = LinkSpec(up_bytes_per_s=20e6 / 8, down_bytes_per_s=50e6 / 8)
 
+
+def scaled_link(scale: float, link: LinkSpec = WIFI) -> LinkSpec:
+    """``link`` with both directions' throughput times ``scale`` (a link-bandwidth sweep)."""
+    return LinkSpec(link.up_bytes_per_s * scale, link.down_bytes_per_s * scale)
+
+
 # Ours: the OS, the CUDA context and the framework keep about this much of a Jetson's shared memory.
 OS_RESERVE_BYTES = int(1.5 * GIB)
 
@@ -233,13 +239,43 @@ def paper_mix_counts(n: int = 80) -> tuple[int, int, int]:
 
 
 def paper_fleet(
-    n: int = 80, seed: int = 0, *, spread: float = 0.15, link: LinkSpec = WIFI
+    n: int = 80,
+    seed: int = 0,
+    *,
+    spread: float = 0.15,
+    link: LinkSpec = WIFI,
+    compute_spread: float | None = None,
 ) -> list[DeviceProfile]:
     """FedSpine's testbed mix (30 TX2 + 40 Xavier NX + 10 AGX Xavier) scaled to ``n`` devices, on
-    ``link``, with a ``spread`` within each tier drawn from ``np.random.default_rng(seed)``."""
+    ``link``, with a ``spread`` within each tier drawn from ``np.random.default_rng(seed)``.
+
+    ``compute_spread`` sets the fastest tier's effective compute over the slowest's (None keeps
+    the profiles' own, about 4.4x); see :func:`with_compute_spread`."""
     counts = paper_mix_counts(n)
-    tiers = tuple((p.with_link(link), k) for (p, _), k in zip(PAPER_MIX, counts, strict=True))
+    base = (
+        [p for p, _ in PAPER_MIX]
+        if compute_spread is None
+        else with_compute_spread([p for p, _ in PAPER_MIX], compute_spread)
+    )
+    tiers = tuple((p.with_link(link), k) for p, k in zip(base, counts, strict=True))
     return fleet(FleetSpec(tiers, spread), np.random.default_rng(seed))
+
+
+def with_compute_spread(profiles: Sequence[DeviceProfile], ratio: float) -> list[DeviceProfile]:
+    """The profiles with their effective compute stretched (or squeezed) so that the fastest over
+    the slowest is ``ratio``; the slowest stays as it is and the others keep their place on a log
+    scale: ``speed_t' = slowest * (speed_t / slowest) ** (log ratio / log current_ratio)`` (ours; a
+    sweep of the fleet's heterogeneity, 1 = every tier as fast as the slowest)."""
+    if not (isinstance(ratio, numbers.Real) and math.isfinite(ratio) and ratio >= 1):
+        raise ValueError(f"compute_spread must be a finite number >= 1, got {ratio!r}")
+    speeds = np.array([p.effective_flops_per_s for p in profiles])
+    slowest, current = speeds.min(), speeds.max() / speeds.min()
+    power = 0.0 if current == 1.0 else math.log(ratio) / math.log(current)
+    target = slowest * (speeds / slowest) ** power
+    return [
+        replace(p, flops_per_s=p.flops_per_s * float(t / s))
+        for p, t, s in zip(profiles, target, speeds, strict=True)
+    ]
 
 
 def tiers(profiles: Sequence[DeviceProfile], device_ids: Sequence[str] | None = None) -> dict[str, str]:

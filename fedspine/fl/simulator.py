@@ -27,7 +27,7 @@ from fedspine.data.tokenize import batches
 from fedspine.fl import checkpoint
 from fedspine.fl.build import check
 from fedspine.fl.client import LocalData, LocalState, client_step
-from fedspine.fl.devices import DeviceProfile, paper_fleet, tiers
+from fedspine.fl.devices import DeviceProfile, paper_fleet, scaled_link, tiers
 from fedspine.fl.messages import Failure, TrainIns, TrainRes
 from fedspine.fl.server import Server
 from fedspine.fl.strategies import StrategyContext, make_strategy
@@ -106,7 +106,13 @@ class Simulation:
         self.family = family_of(model0)
         self.shape = arch_shape(model0)
         self.device_ids = [f"d{i:03d}" for i in range(cfg.fleet.devices)]
-        profiles = paper_fleet(cfg.fleet.devices, seed=cfg.seed, spread=cfg.fleet.spread)
+        profiles = paper_fleet(
+            cfg.fleet.devices,
+            seed=cfg.seed,
+            spread=cfg.fleet.spread,
+            link=scaled_link(cfg.fleet.link_scale),
+            compute_spread=cfg.fleet.compute_spread,
+        )
         self.profiles: dict[str, DeviceProfile] = dict(zip(self.device_ids, profiles, strict=True))
         self.tiers = tiers(profiles, self.device_ids)
         labels = self.data.partition_labels()  # causal LM: topics stand in for labels
