@@ -271,6 +271,8 @@ def test_compute_spread_sets_the_fastest_over_slowest_tier_and_keeps_the_order()
     assert ratios(None)["agx"] == pytest.approx(4.41, abs=0.01)
     assert ratios(8.3)["agx"] == pytest.approx(8.3) and 1 < ratios(8.3)["nx"] < 8.3
     assert list(ratios(1.0).values()) == pytest.approx([1.0, 1.0, 1.0])
-    assert paper_fleet(8, 0, link=scaled_link(0.5))[0].up_bytes_per_s == pytest.approx(20e6 / 8 * 0.5)
+    assert paper_fleet(8, 0, spread=0.0, link=scaled_link(0.5))[0].up_bytes_per_s == pytest.approx(
+        20e6 / 8 * 0.5
+    )
     with pytest.raises(ValueError, match="compute_spread must be a finite number >= 1"):
         paper_fleet(8, 0, compute_spread=0.5)
