@@ -115,7 +115,7 @@ def test_config_task_is_validated_with_the_field_and_allowed_values():
 
 
 def test_causal_lm_experiment_runs_smollm2_on_chatterbot():
-    from fedspine.experiment import load_experiment, plan
+    from fedspine.experiments import load_experiment, plan
 
     cfg = plan(load_experiment("experiments/configs/causal_lm.yaml"), seeds=1)[0].cfg
     assert (cfg.model.name, cfg.model.task, cfg.data.source) == ("smollm2-135m", "causal-lm", "chatterbot")

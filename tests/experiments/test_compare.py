@@ -1,4 +1,4 @@
-"""experiments/compare.py and fedspine.experiment: specs, tables, resumable runs, every spec's smoke size."""
+"""experiments/compare.py and fedspine.experiments: specs, tables, resumable runs, every spec's smoke size."""
 
 import importlib.util
 import json
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fedspine.experiment import Cell, CellResult, load_experiment, plan, rows, run_cells, speedup
+from fedspine.experiments import Cell, CellResult, load_experiment, plan, rows, run_cells, speedup
 
 ROOT = Path(__file__).resolve().parents[2]
 SPECS = sorted(
