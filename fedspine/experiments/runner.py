@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,8 +76,7 @@ def run_cells(
     experiment's results, say) is copied from there instead of run again; its summary records
     ``reused_from`` and results.md lists it. A run's numbers follow from its config and seed, so
     the copy is what a rerun would give, for none of the compute."""
-    from fedspine.fl.simulator import run
-    from fedspine.logging import RunLogger
+    from fedspine.fl.simulator import run_in_dir
 
     out = Path(out)
     elsewhere = finished_runs(reuse) if reuse else {}
@@ -107,19 +105,15 @@ def run_cells(
             continue
         resume = (run_dir / "checkpoint").exists()
         print(f"{label}: {'resuming' if resume else 'running'} -> {run_dir}", flush=True)
-        logger = RunLogger(
+        res = run_in_dir(
+            cell.cfg,
             run_dir,
-            config=cell.cfg.to_dict(),
+            resume=resume,
             wandb_mode=wandb,
             project=project,
             name="/".join(x for x in (group_name, cell.group, cell.variant, f"seed{cell.seed}") if x),
             group=group_name,
-            resume=resume,
         )
-        start = time.perf_counter()
-        res = run(cell.cfg, logger, checkpoint_dir=run_dir / "checkpoint", resume=resume)
-        res.summary["wall_s"] = time.perf_counter() - start
-        (run_dir / "summary.json").write_text(json.dumps(res.summary, indent=2, default=float))
         acc = res.summary.get("final_accuracy")
         print(
             f"{label}: final accuracy {acc if acc is None else f'{acc:.3f}'}, "

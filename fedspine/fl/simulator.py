@@ -31,6 +31,7 @@ from fedspine.fl.messages import Failure, TrainIns, TrainRes
 from fedspine.fl.server import Server
 from fedspine.fl.strategies import StrategyContext, make_strategy
 from fedspine.fl.time_model import fits, round_time, round_work_for_map, round_work_for_ratio
+from fedspine.logging import RunLogger
 from fedspine.lora import adapter_shapes, attach, extract, load
 from fedspine.lora.coords import split_key
 from fedspine.models import TaskData, build_data, build_model, evaluate
@@ -388,6 +389,7 @@ def run(
     uninterrupted run would have. ``stop_after`` ends early after that round (to test resume).
     ``runner`` runs the client steps elsewhere (Flower); the loop is the same.
     """
+    start = time.perf_counter()
     sim = Simulation(cfg)
     out = RunResult()
     if verbose:
@@ -424,9 +426,46 @@ def run(
             deployed_params_max=int(max(sizes)),
             original_params=int(full),
         )
+    out.summary["wall_s"] = time.perf_counter() - start  # this process's part of the run
     if logger is not None:
         logger.finish(out.summary)
     return out
+
+
+def default_run_dir(cfg: RunConfig) -> Path:
+    """``<log.dir>/<log.name>``, the name defaulting to ``<strategy>-seed<seed>``."""
+    return Path(cfg.log.dir) / (cfg.log.name or f"{cfg.strategy.name}-seed{cfg.seed}")
+
+
+def run_in_dir(
+    cfg: RunConfig,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    runner: DeviceRunner | None = None,
+    wandb_mode: str | None = None,
+    project: str | None = None,
+    name: str | None = None,
+    group: str | None = None,
+    verbose: bool = False,
+) -> RunResult:
+    """Run ``cfg`` into ``run_dir``: ``config.json``, ``metrics.jsonl`` (one record a round),
+    ``summary.json`` and ``checkpoint/``. ``resume=True`` continues the run's checkpoint. What the
+    CLI, the experiments and the Flower ServerApp all do; W&B settings default to ``cfg.log``'s
+    and the W&B name to the folder's."""
+    run_dir = Path(run_dir)
+    logger = RunLogger(
+        run_dir,
+        config=cfg.to_dict(),
+        wandb_mode=cfg.log.wandb if wandb_mode is None else wandb_mode,
+        project=cfg.log.wandb_project if project is None else project,
+        name=name or run_dir.name,
+        group=group,
+        resume=resume,
+    )
+    return run(
+        cfg, logger, checkpoint_dir=run_dir / "checkpoint", resume=resume, runner=runner, verbose=verbose
+    )
 
 
 def summarize(records: list[dict[str, Any]], cfg: RunConfig) -> dict[str, Any]:
@@ -460,4 +499,14 @@ def _progress(total: int, *, enabled: bool) -> Any:
     return tqdm(total=total, desc="rounds", unit="round")
 
 
-__all__ = ["DeviceRunner", "Reply", "RunResult", "Simulation", "rebuild_local_state", "run", "summarize"]
+__all__ = [
+    "DeviceRunner",
+    "Reply",
+    "RunResult",
+    "Simulation",
+    "default_run_dir",
+    "rebuild_local_state",
+    "run",
+    "run_in_dir",
+    "summarize",
+]

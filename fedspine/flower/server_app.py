@@ -28,10 +28,9 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedspine.config import RunConfig
 from fedspine.fl.messages import TrainIns
-from fedspine.fl.simulator import Reply, RunResult, run
+from fedspine.fl.simulator import Reply, RunResult, run_in_dir
 from fedspine.flower import codec
 from fedspine.flower.options import FlowerOptions, read_run_config, run_dir
-from fedspine.logging import RunLogger
 from fedspine.pruning.index_map import KeptIndexMap
 
 LOG = logging.getLogger("flwr").getChild("fedspine")  # shows up in `flwr run --stream` / `flwr log`
@@ -55,16 +54,8 @@ def serve(grid: Grid, cfg: RunConfig, opts: FlowerOptions) -> RunResult:
     out = run_dir(cfg, opts).resolve()
     runner = GridRunner(grid, cfg.fleet.devices, opts)
     runner.wait_for_devices()
-    logger = RunLogger(
-        out,
-        config=cfg.to_dict(),
-        wandb_mode=cfg.log.wandb,
-        project=cfg.log.wandb_project,
-        name=out.name,
-        resume=opts.resume,
-    )
     LOG.info("fedspine: %s, %s round times, writing %s", cfg.strategy.name, runner.time_source, out)
-    result = run(cfg, logger, checkpoint_dir=out / "checkpoint", resume=opts.resume, runner=runner)
+    result = run_in_dir(cfg, out, resume=opts.resume, runner=runner)
     LOG.info("fedspine summary: %s", json.dumps(result.summary, default=float))
     return result
 
