@@ -148,9 +148,10 @@ def test_causal_lm_prices_the_vocabulary_output_layer_and_has_no_label_prior():
     with_head = sim.work(None, 0.0, 4).flops
     sim.lm_head = False
     assert with_head > sim.work(None, 0.0, 4).flops
-    local = sim.local_data(sim.device_ids[0])
+    world = sim.world
+    local = world.local_data(world.device_ids[0])
     assert local.label_counts is None and local.probe["labels"].ndim == 2
-    assert sum(len(p) for p in sim.parts.values()) == len(sim.data.groups)
+    assert sum(len(p) for p in world.parts.values()) == len(world.data.groups)
 
 
 # --- the real SmolLM2 ----------------------------------------------------------------------------

@@ -28,7 +28,8 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedspine.config import RunConfig
 from fedspine.fl.messages import TrainIns
-from fedspine.fl.simulator import Reply, RunResult, run_in_dir
+from fedspine.fl.runners import Reply
+from fedspine.fl.simulator import RunResult, run_in_dir
 from fedspine.flower import codec
 from fedspine.flower.options import FlowerOptions, read_run_config, run_dir
 from fedspine.pruning.index_map import KeptIndexMap
@@ -61,7 +62,7 @@ def serve(grid: Grid, cfg: RunConfig, opts: FlowerOptions) -> RunResult:
 
 
 class GridRunner:
-    """Runs a round's client steps on Flower nodes (``fedspine.fl.simulator.DeviceRunner``).
+    """The Flower runner: a round's client steps on Flower nodes (``fedspine.fl.runners.DeviceRunner``).
 
     Nodes say which fleet device they are (a QUERY message answered with their ``partition-id``)
     when they first appear; a node that leaves is forgotten, and a restarted SuperNode is found
@@ -109,6 +110,16 @@ class GridRunner:
             if r.result is None:
                 LOG.warning("round %d: device %s failed: %s", rnd, d, r.failure)
         return out
+
+    def device_models(self) -> dict[str, Any]:
+        return {}  # each device's pruned model stays on its node
+
+    def state_dict(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        return {}, {}  # each device keeps its own state on its node's disk (fedspine.flower.device)
+
+    def load_state_dict(self, devices: Mapping[str, Any], arrays: Mapping[str, Any]) -> None:
+        """Nothing to load: a resumed server asks each device for its checkpointed kept map by
+        digest, and the device rebuilds that state from its own disk."""
 
     # --- nodes -------------------------------------------------------------------------------------
     def wait_for_devices(self) -> None:
