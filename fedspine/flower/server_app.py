@@ -1,6 +1,6 @@
 """The Flower ``ServerApp``: fedspine's own round loop, with the client steps on Flower nodes.
 
-``main`` runs ``fedspine.fl.simulator.run``, the loop the in-process simulator runs: the same
+``main`` runs ``fedspine.fl.simulator.run_in_dir``, the loop the in-process simulator runs: the same
 strategy and allocator pick each device's arm, the same ``Server`` projects the global adapter
 and aggregates, the same checkpoints make a run resumable, the same records are written. Only
 where the client steps run changes: ``GridRunner`` sends each device its own message (its arm
