@@ -57,6 +57,23 @@ def test_every_committed_spec_is_valid_at_every_size():
             assert plan(exp, size=size, seeds=1)
 
 
+def test_the_script_folder_and_the_package_do_not_shadow_each_other():
+    """``python experiments/compare.py`` puts the top-level experiments/ folder first on sys.path
+    and still imports the fedspine.experiments package (a missing spec is refused by it)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "experiments/compare.py", "--config", "no-such-spec.yaml"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert out.returncode == 2, out.stderr
+    assert "experiment file 'no-such-spec.yaml' does not exist" in out.stderr
+
+
 def test_a_bad_variant_is_named_with_its_field_before_any_work(tmp_path):
     path = write_spec(tmp_path, variants={"fedspine": {}, "typo": {"strategy.name": "fedsp1ne"}})
     with pytest.raises(ValueError, match=r"variant 'typo': strategy.name must be one of"):
