@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = ap.parse_args(argv)
 
-    from fedspine.experiment import load_experiment, plan, read_finished, run_cells, write_results
+    from fedspine.experiments import load_experiment, plan, read_finished, run_cells, write_results
 
     size = "smoke" if args.smoke else args.size
     try:

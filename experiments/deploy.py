@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from fedspine.experiment import environment
+    from fedspine.experiments import environment
     from fedspine.fl.time_model import layer_counts, memory_bytes
     from fedspine.lora import attach
     from fedspine.models import build_model

@@ -98,20 +98,10 @@ def _run(args: argparse.Namespace) -> int:
     except ValueError as exc:  # a wrong config: say which field and what is allowed, before any work
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    from fedspine.fl.simulator import run
-    from fedspine.logging import RunLogger
+    from fedspine.fl.simulator import default_run_dir, run_in_dir
 
-    name = cfg.log.name or f"{cfg.strategy.name}-seed{cfg.seed}"
-    run_dir = Path(args.resume) if args.resume else Path(cfg.log.dir) / name
-    logger = RunLogger(
-        run_dir,
-        config=cfg.to_dict(),
-        wandb_mode=cfg.log.wandb,
-        project=cfg.log.wandb_project,
-        name=name,
-        resume=bool(args.resume),
-    )
-    result = run(cfg, logger, checkpoint_dir=run_dir / "checkpoint", resume=bool(args.resume), verbose=True)
+    run_dir = Path(args.resume) if args.resume else default_run_dir(cfg)
+    result = run_in_dir(cfg, run_dir, resume=bool(args.resume), verbose=True)
     print(json.dumps(result.summary, indent=2, default=float))
     print(f"per-round metrics: {run_dir / 'metrics.jsonl'}")
     return 0

@@ -115,7 +115,7 @@ def test_config_task_is_validated_with_the_field_and_allowed_values():
 
 
 def test_causal_lm_experiment_runs_smollm2_on_chatterbot():
-    from fedspine.experiment import load_experiment, plan
+    from fedspine.experiments import load_experiment, plan
 
     cfg = plan(load_experiment("experiments/configs/causal_lm.yaml"), seeds=1)[0].cfg
     assert (cfg.model.name, cfg.model.task, cfg.data.source) == ("smollm2-135m", "causal-lm", "chatterbot")
@@ -148,9 +148,10 @@ def test_causal_lm_prices_the_vocabulary_output_layer_and_has_no_label_prior():
     with_head = sim.work(None, 0.0, 4).flops
     sim.lm_head = False
     assert with_head > sim.work(None, 0.0, 4).flops
-    local = sim.local_data(sim.device_ids[0])
+    world = sim.world
+    local = world.local_data(world.device_ids[0])
     assert local.label_counts is None and local.probe["labels"].ndim == 2
-    assert sum(len(p) for p in sim.parts.values()) == len(sim.data.groups)
+    assert sum(len(p) for p in world.parts.values()) == len(world.data.groups)
 
 
 # --- the real SmolLM2 ----------------------------------------------------------------------------

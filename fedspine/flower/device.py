@@ -1,7 +1,7 @@
 """What a device keeps between rounds, kept on the device.
 
 A device's state (``LocalState``) is a pure function of what it kept: its base model is the
-original model pruned to its kept-index map (pruning is deterministic; ``rebuild_local_state``),
+original model pruned to its kept-index map (pruning is deterministic; ``World.device_state``),
 and a FLoRA-style base delta is re-sent whole every round (it is cumulative), so a device rebuilt
 without one converges to the same weights. So the durable state is the kept map alone, written to
 the device's own disk under its content digest (``state-dir/<device>/kept-<digest>.json``).
@@ -27,7 +27,7 @@ from pathlib import Path
 from fedspine.config import RunConfig
 from fedspine.fl.client import LocalState, client_step
 from fedspine.fl.messages import TrainIns, TrainRes
-from fedspine.fl.simulator import Simulation, rebuild_local_state
+from fedspine.fl.world import World
 from fedspine.flower.codec import kept_digest
 from fedspine.pruning.index_map import KeptIndexMap
 
@@ -57,18 +57,19 @@ class DeviceStore:
 
 
 class DeviceHost:
-    """One ClientApp process's memory: the setup of each run config it has seen (model, data,
-    partition; the same ``Simulation`` build as the server's) and the latest states of the last
-    ``capacity`` devices it served."""
+    """One ClientApp process's memory: the device side of each run config it has seen (its
+    ``World``: model, data, partition, the same build as the server's; no strategy, allocator,
+    ``Server`` or aggregator state) and the latest states of the last ``capacity`` devices it
+    served."""
 
     def __init__(self) -> None:
-        self._setups: OrderedDict[str, Simulation] = OrderedDict()
+        self._setups: OrderedDict[str, World] = OrderedDict()
         self._states: OrderedDict[tuple[int, str, str], tuple[str, LocalState]] = OrderedDict()
 
-    def setup(self, cfg: RunConfig) -> Simulation:
+    def setup(self, cfg: RunConfig) -> World:
         key = json.dumps(cfg.to_dict(), sort_keys=True, default=str)
         if key not in self._setups:
-            self._setups[key] = Simulation(cfg)
+            self._setups[key] = World.build(cfg)
             while len(self._setups) > 2:
                 self._setups.popitem(last=False)
         self._setups.move_to_end(key)
@@ -87,16 +88,16 @@ class DeviceHost:
     ) -> TrainRes:
         """Run ``ins`` on device ``partition`` from the state named ``held``; keep the new state.
         States in memory belong to one Flower run (a resumed run rebuilds them from disk)."""
-        sim = self.setup(cfg)
-        device = sim.device_ids[partition]
+        world = self.setup(cfg)
+        device = world.device_ids[partition]
         if ins.device_id != device:
             raise ValueError(
                 f"this node is device {device!r} (partition-id {partition}), got {ins.device_id!r}"
             )
         store = DeviceStore(store_root, device)
         key = (run_id, str(store.dir), device)
-        state = self._take(key, held) or self._rebuild(sim, store, held, device)
-        res, new = client_step(ins, state, sim.local_data(device))
+        state = self._take(key, held) or self._rebuild(world, store, held, device)
+        res, new = client_step(ins, state, world.local_data(device))
         self._states[key] = (store.save(new.kept_map), new)
         while len(self._states) > capacity:
             self._states.popitem(last=False)
@@ -108,12 +109,12 @@ class DeviceHost:
         return cached[1] if cached is not None and cached[0] == held else None
 
     @staticmethod
-    def _rebuild(sim: Simulation, store: DeviceStore, held: str, device: str) -> LocalState:
-        full = KeptIndexMap.full(sim.shape)
+    def _rebuild(world: World, store: DeviceStore, held: str, device: str) -> LocalState:
+        full = KeptIndexMap.full(world.shape)
         kept = full if held == kept_digest(full) else store.load(held)
         if kept is None:
             raise ValueError(
                 f"device {device!r} has no saved state {held!r} in {store.dir} (the server expects the "
                 "state of an earlier round); start the SuperNode with the state-dir it used before"
             )
-        return rebuild_local_state(sim.model0, kept)
+        return world.device_state(kept)

@@ -139,7 +139,9 @@ def run_dir(cfg: RunConfig, opts: FlowerOptions) -> Path:
     """Where the ServerApp writes metrics and checkpoints: the same place ``fedspine run`` would."""
     if opts.run_dir:
         return Path(opts.run_dir).expanduser()
-    return Path(cfg.log.dir) / (cfg.log.name or f"{cfg.strategy.name}-seed{cfg.seed}")
+    from fedspine.fl.simulator import default_run_dir  # torch: only the ServerApp asks
+
+    return default_run_dir(cfg)
 
 
 # --- node config (per SuperNode, `flower-supernode --node-config`) --------------------------------

@@ -1,6 +1,6 @@
 """The Flower ``ServerApp``: fedspine's own round loop, with the client steps on Flower nodes.
 
-``main`` runs ``fedspine.fl.simulator.run``, the loop the in-process simulator runs: the same
+``main`` runs ``fedspine.fl.simulator.run_in_dir``, the loop the in-process simulator runs: the same
 strategy and allocator pick each device's arm, the same ``Server`` projects the global adapter
 and aggregates, the same checkpoints make a run resumable, the same records are written. Only
 where the client steps run changes: ``GridRunner`` sends each device its own message (its arm
@@ -28,10 +28,10 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedspine.config import RunConfig
 from fedspine.fl.messages import TrainIns
-from fedspine.fl.simulator import Reply, RunResult, run
+from fedspine.fl.runners import Reply
+from fedspine.fl.simulator import RunResult, run_in_dir
 from fedspine.flower import codec
 from fedspine.flower.options import FlowerOptions, read_run_config, run_dir
-from fedspine.logging import RunLogger
 from fedspine.pruning.index_map import KeptIndexMap
 
 LOG = logging.getLogger("flwr").getChild("fedspine")  # shows up in `flwr run --stream` / `flwr log`
@@ -55,22 +55,14 @@ def serve(grid: Grid, cfg: RunConfig, opts: FlowerOptions) -> RunResult:
     out = run_dir(cfg, opts).resolve()
     runner = GridRunner(grid, cfg.fleet.devices, opts)
     runner.wait_for_devices()
-    logger = RunLogger(
-        out,
-        config=cfg.to_dict(),
-        wandb_mode=cfg.log.wandb,
-        project=cfg.log.wandb_project,
-        name=out.name,
-        resume=opts.resume,
-    )
     LOG.info("fedspine: %s, %s round times, writing %s", cfg.strategy.name, runner.time_source, out)
-    result = run(cfg, logger, checkpoint_dir=out / "checkpoint", resume=opts.resume, runner=runner)
+    result = run_in_dir(cfg, out, resume=opts.resume, runner=runner)
     LOG.info("fedspine summary: %s", json.dumps(result.summary, default=float))
     return result
 
 
 class GridRunner:
-    """Runs a round's client steps on Flower nodes (``fedspine.fl.simulator.DeviceRunner``).
+    """The Flower runner: a round's client steps on Flower nodes (``fedspine.fl.runners.DeviceRunner``).
 
     Nodes say which fleet device they are (a QUERY message answered with their ``partition-id``)
     when they first appear; a node that leaves is forgotten, and a restarted SuperNode is found
@@ -118,6 +110,16 @@ class GridRunner:
             if r.result is None:
                 LOG.warning("round %d: device %s failed: %s", rnd, d, r.failure)
         return out
+
+    def device_models(self) -> dict[str, Any]:
+        return {}  # each device's pruned model stays on its node
+
+    def state_dict(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        return {}, {}  # each device keeps its own state on its node's disk (fedspine.flower.device)
+
+    def load_state_dict(self, devices: Mapping[str, Any], arrays: Mapping[str, Any]) -> None:
+        """Nothing to load: a resumed server asks each device for its checkpointed kept map by
+        digest, and the device rebuilds that state from its own disk."""
 
     # --- nodes -------------------------------------------------------------------------------------
     def wait_for_devices(self) -> None:

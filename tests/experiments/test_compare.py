@@ -1,4 +1,4 @@
-"""experiments/compare.py and fedspine.experiment: specs, tables, resumable runs, every spec's smoke size."""
+"""experiments/compare.py and fedspine.experiments: specs, tables, resumable runs, every spec's smoke size."""
 
 import importlib.util
 import json
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fedspine.experiment import Cell, CellResult, load_experiment, plan, rows, run_cells, speedup
+from fedspine.experiments import Cell, CellResult, load_experiment, plan, rows, run_cells, speedup
 
 ROOT = Path(__file__).resolve().parents[2]
 SPECS = sorted(
@@ -55,6 +55,23 @@ def test_every_committed_spec_is_valid_at_every_size():
         assert "smoke" in exp.sizes, f"{path.name} needs a smoke size for CI"
         for size in exp.size_names():
             assert plan(exp, size=size, seeds=1)
+
+
+def test_the_script_folder_and_the_package_do_not_shadow_each_other():
+    """``python experiments/compare.py`` puts the top-level experiments/ folder first on sys.path
+    and still imports the fedspine.experiments package (a missing spec is refused by it)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "experiments/compare.py", "--config", "no-such-spec.yaml"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert out.returncode == 2, out.stderr
+    assert "experiment file 'no-such-spec.yaml' does not exist" in out.stderr
 
 
 def test_a_bad_variant_is_named_with_its_field_before_any_work(tmp_path):

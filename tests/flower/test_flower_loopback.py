@@ -17,6 +17,7 @@ from fedspine.config import ClientConfig  # noqa: E402
 from fedspine.fl import checkpoint  # noqa: E402
 from fedspine.fl.messages import Failure, TrainIns, TrainRes  # noqa: E402
 from fedspine.fl.simulator import Simulation, run  # noqa: E402
+from fedspine.fl.world import World  # noqa: E402
 from fedspine.flower import client_app, codec  # noqa: E402
 from fedspine.flower.options import ALLOWED_KEYS, partition_of, read_run_config  # noqa: E402
 from fedspine.flower.server_app import serve  # noqa: E402
@@ -128,7 +129,7 @@ def test_a_straggler_fails_the_round_and_its_update_is_not_aggregated(tmp_path):
     # The server's global adapter is exactly the aggregate of the three replies that arrived.
     state, arrays = checkpoint.load(tmp_path / "run" / "checkpoint")
     sim = Simulation(read_run_config(rc)[0])
-    sim.server.configure(1, sim.device_ids)
+    sim.server.configure(1, sim.world.device_ids)
     arrived = [codec.decode_res(m.content) for m in grid.produced if m.metadata.message_type == "train"]
     arrived = [r for r in arrived if r.device_id != "d001"]
     assert len(arrived) == 3
@@ -152,7 +153,7 @@ def test_a_device_whose_reply_was_lost_rebuilds_the_state_the_server_expects(tmp
     r1, r2 = result.records
     assert "d001" in r1["failures"] and "d001" in r2["round_time_s"] and not r2["failures"]
     held = [codec.decode_ins(m.content) for m in grid.sent if m.metadata.message_type == "train"]
-    full = codec.kept_digest(KeptIndexMap.full(Simulation(read_run_config(rc)[0]).shape))
+    full = codec.kept_digest(KeptIndexMap.full(World.build(read_run_config(rc)[0]).shape))
     assert [h for ins, h in held if ins.device_id == "d001"] == [
         full,
         full,
@@ -172,6 +173,52 @@ def test_a_resumed_server_ends_with_the_uninterrupted_records(tmp_path):
     resumed, _ = flower_run(tmp_path, {**rc, "resume": True})
     assert [r["round"] for r in resumed.records] == [1, 2, 3, 4]
     assert strip(resumed.records) == strip(run(read_run_config(rc)[0]).records)
+
+
+def test_a_clientapp_builds_only_the_device_side_of_the_world(tmp_path, monkeypatch):
+    """A device trains from its World alone: no strategy, Allocator, Server or aggregator state
+    is built in a ClientApp (on a real SuperNode, every round). Its reply is the in-process one."""
+    from flwr.app import MessageType
+
+    from fedspine.bandit import Allocator
+    from fedspine.fl.server import Server
+    from fedspine.fl.strategies import Strategy
+    from fedspine.lora.aggregate import AGGREGATORS
+
+    rc = run_config(tmp_path, 1)
+    cfg = read_run_config(rc)[0]
+    sim = Simulation(cfg)  # the server side, built before anything is refused
+    ins = sim.server.configure(1, sim.world.device_ids)
+    (expected,) = sim.runner.execute(1, {"d002": ins["d002"]}, {"d002": sim.server.kept_map("d002")}).values()
+
+    def refuse(what):
+        def built(*args, **kwargs):
+            raise AssertionError(f"a ClientApp built {what}")
+
+        return built
+
+    rules = {k for r in AGGREGATORS.values() for k in type(r).__mro__ if "init_state" in vars(k)}
+    for cls, what in [
+        (Server, "a Server"),
+        (Allocator, "an Allocator"),
+        (Strategy, "a strategy"),
+        (Simulation, "a Simulation"),
+    ]:
+        monkeypatch.setattr(cls, "__init__", refuse(what))
+    for cls in rules:
+        monkeypatch.setattr(cls, "init_state", refuse(f"aggregator state ({cls.__name__})"))
+
+    grid = LoopbackGrid(rc, 4, str(tmp_path / "devices"))
+    held = KeptIndexMap.full(sim.world.shape)
+    msg = grid.create_message(codec.encode_ins(ins["d002"], held), MessageType.TRAIN, 1002, "1")
+    grid.push_messages([msg])
+    (reply,) = grid.produced
+    assert not reply.has_error(), reply.error.reason
+    res = codec.decode_res(reply.content)
+    assert (res.round, res.device_id) == (1, "d002")
+    assert res.kept_map == expected.result.kept_map and res.loss_after == expected.result.loss_after
+    for key, value in expected.result.adapter.items():
+        np.testing.assert_array_equal(res.adapter[key], value)
 
 
 def test_nodes_that_cannot_serve_the_run_stop_it_at_once_with_the_reason(tmp_path):

@@ -1,0 +1,252 @@
+"""Tables and the results page of an experiment: per group one row per variant, over seeds;
+``results.md`` (+ figures) and ``results.json`` under the output folder."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fedspine.experiments.figures import make_figures
+from fedspine.experiments.runner import CellResult
+from fedspine.experiments.spec import Cell, Experiment
+
+
+@dataclass(frozen=True)
+class Row:
+    """One variant of one group, over seeds."""
+
+    variant: str
+    seeds: int
+    final_accuracy: tuple[float, float]  # mean, std
+    best_accuracy: float
+    device_accuracy: float | None  # each device's own pruned model, final round (eval.devices)
+    time_to_target_s: float | None  # mean over the seeds that reached it
+    reached: int
+    speedup: str  # reference's speed-up over this variant, time to target
+    time_per_round_s: float
+    sparsity: float
+    megabytes: float
+    waiting_s: float
+    deployed_mparams: float | None
+
+
+def rows(results: Sequence[CellResult], reference: str) -> dict[str, list[Row]]:
+    """Per group, one row per variant (in spec order)."""
+    out: dict[str, list[Row]] = {}
+    groups = list(dict.fromkeys(r.cell.group for r in results))
+    for g in groups:
+        mine = [r for r in results if r.cell.group == g]
+        by_variant = {
+            v: [r for r in mine if r.cell.variant == v] for v in dict.fromkeys(r.cell.variant for r in mine)
+        }
+        ref = {r.cell.seed: r for r in by_variant.get(reference, [])}
+        out[g] = [_row(v, rs, ref, v == reference) for v, rs in by_variant.items()]
+    return out
+
+
+def _row(variant: str, rs: list[CellResult], ref: Mapping[int, CellResult], is_ref: bool) -> Row:
+    s = [r.summary for r in rs]
+    finals = np.array([x["final_accuracy"] for x in s if x.get("final_accuracy") is not None], dtype=float)
+    tta = [x["time_to_target_s"] for x in s if x.get("time_to_target_s") is not None]
+    dev = [r.records[-1].get("device_accuracy_mean") for r in rs if r.records]
+    dev = [d for d in dev if d is not None]
+    deployed = [x["deployed_params_mean"] for x in s if x.get("deployed_params_mean") is not None]
+    return Row(
+        variant=variant,
+        seeds=len(rs),
+        final_accuracy=(float(finals.mean()), float(finals.std())) if finals.size else (math.nan, math.nan),
+        best_accuracy=float(
+            np.mean([x["best_accuracy"] for x in s if x.get("best_accuracy") is not None] or [math.nan])
+        ),
+        device_accuracy=float(np.mean(dev)) if dev else None,
+        time_to_target_s=float(np.mean(tta)) if tta else None,
+        reached=len(tta),
+        speedup="(reference)" if is_ref else speedup(rs, ref),
+        time_per_round_s=float(np.mean([x["clock_s"] / max(1, x["rounds"]) for x in s])),
+        sparsity=float(np.mean([x.get("final_mean_sparsity") or 0.0 for x in s])),
+        megabytes=float(np.mean([x["bytes_total"] for x in s])) / 1e6,
+        waiting_s=float(np.mean([x["mean_waiting_s"] for x in s])),
+        deployed_mparams=float(np.mean(deployed)) / 1e6 if deployed else None,
+    )
+
+
+def speedup(baseline: Sequence[CellResult], reference: Mapping[int, CellResult]) -> str:
+    """Reference's time-to-target speed-up over ``baseline``, seed by seed, averaged.
+
+    A seed where the baseline never reached the target while the reference did counts as a
+    lower bound (the baseline's whole simulated time), marked ">"; seeds where the reference
+    did not reach it are left out (and counted in the note)."""
+    ratios, bound, missing = [], False, 0
+    for b in baseline:
+        r = reference.get(b.cell.seed)
+        t_ref = None if r is None else r.summary.get("time_to_target_s")
+        if t_ref is None:
+            missing += 1
+            continue
+        t_b = b.summary.get("time_to_target_s")
+        if t_b is None:
+            t_b, bound = b.summary["clock_s"], True
+        ratios.append(t_b / t_ref)
+    if not ratios:
+        return "n/a (reference never reached the target)"
+    text = f"{'>' if bound else ''}{np.mean(ratios):.2f}x"
+    if missing:
+        text += f" ({len(ratios)} of {len(ratios) + missing} seeds)"
+    return text
+
+
+def format_table(table: Sequence[Row], *, target: float | None) -> str:
+    tgt = f"{target:.2f}" if target is not None else "target"
+    head = [
+        "variant",
+        "final acc (mean ± std)",
+        "best acc",
+        "device acc",
+        f"time to {tgt} (s, sim.)",
+        "speed-up of reference",
+        "time/round (s, sim.)",
+        "sparsity",
+        "MB sent",
+        "waiting/round (s)",
+        "deployed params (M)",
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in table:
+        tta = "not reached" if r.time_to_target_s is None else f"{r.time_to_target_s:.1f}"
+        if r.time_to_target_s is not None and r.reached < r.seeds:
+            tta += f" ({r.reached}/{r.seeds} seeds)"
+        cells = [
+            r.variant,
+            f"{r.final_accuracy[0]:.3f} ± {r.final_accuracy[1]:.3f}"
+            if r.seeds > 1
+            else f"{r.final_accuracy[0]:.3f}",
+            f"{r.best_accuracy:.3f}",
+            "–" if r.device_accuracy is None else f"{r.device_accuracy:.3f}",
+            tta,
+            r.speedup,
+            f"{r.time_per_round_s:.2f}",
+            f"{r.sparsity:.2f}",
+            f"{r.megabytes:.1f}",
+            f"{r.waiting_s:.2f}",
+            "–" if r.deployed_mparams is None else f"{r.deployed_mparams:.1f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def environment() -> dict[str, str]:
+    import torch
+
+    env = {"python": platform.python_version(), "platform": platform.platform()}
+    for mod in ("torch", "transformers", "peft", "torch_pruning", "numpy"):
+        try:
+            env[mod] = __import__(mod).__version__
+        except Exception:  # noqa: BLE001 - a missing optional package is just not listed
+            pass
+    env["cpus"] = str(os.cpu_count())
+    env["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU only"
+    return env
+
+
+def write_results(
+    exp: Experiment,
+    results: Sequence[CellResult],
+    out: str | Path,
+    *,
+    command: str,
+    size: str,
+    figures: bool = True,
+    missing: Sequence[Cell] = (),
+) -> Path:
+    """``results.md`` (+ PNG figures) under ``out``; returns the markdown path. ``missing`` lists
+    planned runs that have not run (a partial table says so at the top)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    target = results[0].cell.cfg.eval.target_accuracy if results else None
+    tables = rows(results, exp.reference)
+    figs = make_figures(exp, results, out) if figures else {}
+    env = environment()
+    wall = sum(r.summary.get("wall_s", 0.0) for r in results if not r.summary.get("reused_from"))
+    seeds = max((r.cell.seed for r in results), default=0) + 1
+    md = [f"# {exp.title}", ""]
+    if exp.about:
+        md += [exp.about, ""]
+    md += [
+        f"Reproduce: `{command}`",
+        "",
+        f"Size `{size}`, {seeds} seed(s), {len(results)} runs, {wall / 60:.1f} min of wall time in all. "
+        f"Spec: `{exp.source}`. Written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
+        "",
+        "Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()) + ".",
+        "",
+        "Columns: *final acc* is the global model's test accuracy after the last round; *device acc* "
+        "the mean over devices of each device's own pruned model (when `eval.devices` is on); times are "
+        "simulated seconds from the device time model; *speed-up of reference* is "
+        f'`{exp.reference}`\'s time-to-target advantage over the row, seed by seed (">" = the row never '
+        "reached the target, so the ratio is a lower bound); *waiting* is the mean idle time per device "
+        "per round (makespan minus its own time); *sparsity* is the mean achieved pruning ratio.",
+        "",
+    ]
+    if missing:
+        md += [
+            f"**Partial results:** {len(missing)} planned run(s) have not run yet and are not in the tables: "
+            + "; ".join(_cell_name(c) for c in missing)
+            + ".",
+            "",
+        ]
+    reused = [r for r in results if r.summary.get("reused_from")]
+    if reused:
+        md += [
+            "Runs copied from an identical config that had already finished (`--reuse`): "
+            + "; ".join(f"{_cell_name(r.cell)} from `{r.summary['reused_from']}`" for r in reused)
+            + ".",
+            "",
+        ]
+    for g, table in tables.items():
+        if g:
+            md += [f"## {g}", ""]
+        md += [format_table(table, target=target), ""]
+        for kind, path in figs.get(g, {}).items():
+            md += [f"![{kind}]({path.relative_to(out).as_posix()})", ""]
+    for kind, path in figs.get("*", {}).items():
+        md += [f"![{kind}]({path.relative_to(out).as_posix()})", ""]
+    path = out / "results.md"
+    path.write_text("\n".join(md))
+    (out / "results.json").write_text(
+        json.dumps(
+            {
+                "experiment": exp.name,
+                "size": size,
+                "command": command,
+                "environment": env,
+                "missing": [_cell_name(c) for c in missing],
+                "runs": [
+                    {
+                        "group": r.cell.group,
+                        "variant": r.cell.variant,
+                        "seed": r.cell.seed,
+                        "summary": r.summary,
+                    }
+                    for r in results
+                ],
+            },
+            indent=2,
+            default=float,
+        )
+    )
+    return path
+
+
+def _cell_name(cell: Cell) -> str:
+    return " ".join(x for x in (cell.group, cell.variant, f"seed {cell.seed}") if x)
+
+
+__all__ = ["Row", "environment", "format_table", "rows", "speedup", "write_results"]

@@ -1,0 +1,131 @@
+"""Run the cells of an experiment, each into its own run directory, resumably.
+
+Each run writes its own run directory (metrics.jsonl, summary.json, checkpoint), so a killed
+comparison resumes where it stopped and a finished run is never repeated; a run whose exact config
+already finished elsewhere (``reuse``) is copied instead of run again.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedspine.experiments.spec import Cell
+
+
+@dataclass
+class CellResult:
+    cell: Cell
+    records: list[dict[str, Any]]
+    summary: dict[str, Any]
+
+
+def finished_runs(roots: Sequence[str | Path]) -> dict[str, Path]:
+    """Finished run directories under ``roots``, keyed by their exact config (canonical JSON)."""
+    found: dict[str, Path] = {}
+    for root in roots:
+        for cfg_path in sorted(Path(root).rglob("config.json")):
+            if (cfg_path.parent / "summary.json").exists() and (cfg_path.parent / "metrics.jsonl").exists():
+                found.setdefault(_config_key(_read_json(cfg_path)), cfg_path.parent)
+    return found
+
+
+def _config_key(cfg: Any) -> str:
+    return json.dumps(cfg, sort_keys=True)
+
+
+def _wanted(cell: Cell) -> dict[str, Any]:
+    return json.loads(json.dumps(cell.cfg.to_dict()))
+
+
+def _is_finished(cell: Cell, out: Path) -> bool:
+    run_dir = cell.run_dir(out)
+    return (run_dir / "summary.json").exists() and _read_json(run_dir / "config.json") == _wanted(cell)
+
+
+def read_finished(cells: Sequence[Cell], out: str | Path) -> tuple[list[CellResult], list[Cell]]:
+    """The cells already finished under ``out`` (read back, nothing run) and the missing ones."""
+    out = Path(out)
+    done = [c for c in cells if _is_finished(c, out)]
+    return [_read_back(c, c.run_dir(out)) for c in done], [c for c in cells if c not in done]
+
+
+def _read_back(cell: Cell, run_dir: Path) -> CellResult:
+    from fedspine.logging import read_metrics
+
+    return CellResult(cell, read_metrics(run_dir), _read_json(run_dir / "summary.json"))
+
+
+def run_cells(
+    cells: Sequence[Cell],
+    out: str | Path,
+    *,
+    wandb: str = "disabled",
+    project: str = "fedspine",
+    group_name: str | None = None,
+    reuse: Sequence[str | Path] = (),
+) -> list[CellResult]:
+    """Run (or pick up) every cell; a finished cell with the same config is read back, a killed
+    one resumes from its checkpoint, one whose config changed starts over.
+
+    A cell whose exact config already ran to the end under one of the ``reuse`` folders (another
+    experiment's results, say) is copied from there instead of run again; its summary records
+    ``reused_from`` and results.md lists it. A run's numbers follow from its config and seed, so
+    the copy is what a rerun would give, for none of the compute."""
+    from fedspine.fl.simulator import run_in_dir
+
+    out = Path(out)
+    elsewhere = finished_runs(reuse) if reuse else {}
+    results = []
+    for i, cell in enumerate(cells, 1):
+        run_dir = cell.run_dir(out)
+        label = f"[{i}/{len(cells)}] {cell.group + ' ' if cell.group else ''}{cell.variant} seed {cell.seed}"
+        want = _wanted(cell)
+        have = _read_json(run_dir / "config.json")
+        if have is not None and have != want:
+            print(f"{label}: config changed since the last run; starting over", flush=True)
+            shutil.rmtree(run_dir)
+            have = None
+        source = elsewhere.get(_config_key(want))
+        if have is None and source is not None and source.resolve() != run_dir.resolve():
+            run_dir.mkdir(parents=True, exist_ok=True)
+            for name in ("config.json", "metrics.jsonl"):
+                shutil.copyfile(source / name, run_dir / name)
+            summary = {**_read_json(source / "summary.json"), "reused_from": source.as_posix()}
+            (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+            print(f"{label}: same config finished in {source}; copied", flush=True)
+            have = want
+        if have is not None and (run_dir / "summary.json").exists():
+            print(f"{label}: done before, read back", flush=True)
+            results.append(_read_back(cell, run_dir))
+            continue
+        resume = (run_dir / "checkpoint").exists()
+        print(f"{label}: {'resuming' if resume else 'running'} -> {run_dir}", flush=True)
+        res = run_in_dir(
+            cell.cfg,
+            run_dir,
+            resume=resume,
+            wandb_mode=wandb,
+            project=project,
+            name="/".join(x for x in (group_name, cell.group, cell.variant, f"seed{cell.seed}") if x),
+            group=group_name,
+        )
+        acc = res.summary.get("final_accuracy")
+        print(
+            f"{label}: final accuracy {acc if acc is None else f'{acc:.3f}'}, "
+            f"simulated {res.summary['clock_s']:.0f} s, wall {res.summary['wall_s']:.0f} s",
+            flush=True,
+        )
+        results.append(CellResult(cell, res.records, res.summary))
+    return results
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+__all__ = ["CellResult", "finished_runs", "read_finished", "run_cells"]

@@ -1,0 +1,149 @@
+"""The world of a run: what the server side and the device side share, built once from a config.
+
+``World.build(cfg)`` makes the base model, the tokenised data, the fleet (device ids, profiles,
+tiers) and the partition of the data across devices. Everything in it is a pure function of the
+config and its seed, so a Flower ClientApp builds the same world as the ServerApp, and builds
+nothing else: the strategy, the allocator, the ``Server`` and the aggregator's state belong to
+the server side (``fedspine.fl.simulator.Simulation``), a device's state to its runner
+(``fedspine.fl.runners``).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedspine.config import RunConfig
+from fedspine.data.partition import partition, partition_stats
+from fedspine.data.tokenize import batches
+from fedspine.fl.client import LocalData, LocalState
+from fedspine.fl.devices import DeviceProfile, paper_fleet, scaled_link, tiers
+from fedspine.models import TaskData, build_data, build_model
+from fedspine.pruning.arch import Family, arch_shape, family_of
+from fedspine.pruning.index_map import ArchShape, KeptIndexMap
+from fedspine.pruning.structured import prune_model
+
+PROBE_SIZE = 32  # examples in a device's fixed probe batch (loss before/after, for the reward)
+# Causal LM (ours): the probe runs twice a round and every token costs a vocabulary-sized output
+# (49k for SmolLM2), so it is smaller; answer tokens per example are many, so 8 still average well.
+LM_PROBE_SIZE = 8
+
+
+@dataclass(frozen=True)
+class World:
+    cfg: RunConfig
+    model0: nn.Module  # the original base model; never trained or pruned itself
+    data: TaskData
+    family: Family
+    shape: ArchShape
+    device_ids: list[str]
+    profiles: dict[str, DeviceProfile]
+    tiers: dict[str, str]
+    parts: dict[str, np.ndarray]  # device -> indices of its training examples
+    partition_stats: Any
+
+    @property
+    def task(self) -> str:
+        return self.cfg.model.task
+
+    @classmethod
+    def build(cls, cfg: RunConfig) -> World:
+        # The partition draws from the first of the seed's four streams (the simulator's sampling
+        # and jitter streams are the next two), as before the world was its own object.
+        partition_stream = np.random.SeedSequence(cfg.seed).spawn(4)[0]
+        task = cfg.model.task
+        model0, tokenizer = build_model(cfg.model.name, 2, seed=cfg.seed, task=task)
+        data: TaskData = build_data(
+            cfg.data.source,
+            tokenizer,
+            max_length=cfg.model.max_length,
+            test_fraction=cfg.data.test_fraction,
+            max_examples=cfg.data.max_examples,
+            seed=cfg.seed,
+            task=task,
+        )
+        if task == "classification" and data.num_labels != 2:
+            model0, _ = build_model(cfg.model.name, data.num_labels, seed=cfg.seed)
+        if cfg.data.max_test:
+            data.test = {k: v[: cfg.data.max_test] for k, v in data.test.items()}
+        device_ids = [f"d{i:03d}" for i in range(cfg.fleet.devices)]
+        profiles = paper_fleet(
+            cfg.fleet.devices,
+            seed=cfg.seed,
+            spread=cfg.fleet.spread,
+            link=scaled_link(cfg.fleet.link_scale),
+            compute_spread=cfg.fleet.compute_spread,
+        )
+        labels = data.partition_labels()  # causal LM: topics stand in for labels
+        parts = partition(
+            labels,
+            cfg.fleet.devices,
+            scheme=cfg.data.partition,
+            alpha=cfg.data.alpha,
+            seed=np.random.default_rng(partition_stream),
+            min_size=cfg.data.min_size,
+        )
+        return cls(
+            cfg=cfg,
+            model0=model0,
+            data=data,
+            family=family_of(model0),
+            shape=arch_shape(model0),
+            device_ids=device_ids,
+            profiles=dict(zip(device_ids, profiles, strict=True)),
+            tiers=tiers(profiles, device_ids),
+            parts=dict(zip(device_ids, parts, strict=True)),
+            partition_stats=partition_stats(labels, parts),
+        )
+
+    def local_data(self, device: str) -> LocalData:
+        """``device``'s private data: its shuffled batches, its probe batch, its label counts."""
+        idx = self.parts[device]
+        train, bs = self.data.train, self.cfg.train.batch_size
+
+        def stream(gen: torch.Generator) -> Iterator[dict[str, torch.Tensor]]:
+            while True:
+                yield from batches(train, idx, bs, gen, trim_padding=True)
+
+        if self.task == "causal-lm":  # token labels: no label prior (the logit-adjusted loss is refused)
+            probe_idx, counts = torch.as_tensor(idx[:LM_PROBE_SIZE]), None
+        else:
+            probe_idx = torch.as_tensor(idx[:PROBE_SIZE])
+            counts = np.bincount(
+                train["labels"][torch.as_tensor(idx)].numpy(), minlength=self.data.num_labels
+            )
+        return LocalData(stream, {k: v[probe_idx] for k, v in train.items()}, len(idx), counts)
+
+    def device_state(
+        self, kept: KeptIndexMap | None = None, applied: Mapping[str, np.ndarray] | None = None
+    ) -> LocalState:
+        """A device's state from what it kept (default: everything, a device's first round)."""
+        kept = KeptIndexMap.full(self.shape) if kept is None else kept
+        return rebuild_local_state(self.model0, kept, applied)
+
+
+def rebuild_local_state(
+    model0: nn.Module, kept: KeptIndexMap, applied: Mapping[str, np.ndarray] | None = None
+) -> LocalState:
+    """A device's state rebuilt from what it kept: a copy of the original model pruned to ``kept``,
+    plus the base delta it had applied (FLoRA-style rules). Pruning is deterministic, so this is
+    the model the device had (resume, or a device that restarts)."""
+    model = copy.deepcopy(model0)
+    full = KeptIndexMap.full(kept.shape)
+    if kept != full:
+        prune_model(model, full, [(lk.heads, lk.channels) for lk in kept.layers])
+    applied = dict(applied or {})
+    if applied:
+        with torch.no_grad():
+            for path, delta in applied.items():
+                model.get_submodule(path).weight += torch.as_tensor(delta, dtype=torch.float32)
+    return LocalState(model, kept, applied)
+
+
+__all__ = ["LM_PROBE_SIZE", "PROBE_SIZE", "World", "rebuild_local_state"]
