@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from fedspine.experiments import Cell, CellResult, load_experiment, plan, rows, run_cells, speedup
+from fedspine.experiments.report import bootstrap_interval
 
 ROOT = Path(__file__).resolve().parents[2]
 SPECS = sorted(
@@ -109,14 +110,32 @@ def _result(variant, seed, tta, clock=100.0):
     return CellResult(Cell("", variant, seed, cfg), [], summary)
 
 
-def test_speedup_is_per_seed_and_marks_lower_bounds():
+def test_speedup_is_per_seed_with_a_bootstrap_interval_and_marks_lower_bounds():
     ref = {0: _result("fedspine", 0, 10.0), 1: _result("fedspine", 1, 20.0)}
-    assert speedup([_result("b", 0, 30.0), _result("b", 1, 20.0)], ref) == "2.00x"  # mean of 3.0 and 1.0
-    assert speedup([_result("b", 0, None, clock=50.0), _result("b", 1, 20.0)], ref) == ">3.00x"
+    # mean of 3.0 and 1.0; resampling two seeds gives means 1, 2 or 3
+    assert speedup([_result("b", 0, 30.0), _result("b", 1, 20.0)], ref) == "2.00x [1.00, 3.00] (3.00, 1.00)"
+    assert speedup([_result("b", 0, None, clock=50.0), _result("b", 1, 20.0)], ref).startswith(">3.00x [")
     ref_missing = {0: _result("fedspine", 0, None), 1: _result("fedspine", 1, 20.0)}
     assert speedup([_result("b", 0, 5.0), _result("b", 1, 40.0)], ref_missing) == "2.00x (1 of 2 seeds)"
     table = rows([*ref.values(), _result("b", 0, 30.0), _result("b", 1, 20.0)], "fedspine")[""]
-    assert [r.variant for r in table] == ["fedspine", "b"] and table[1].speedup == "2.00x"
+    assert [r.variant for r in table] == ["fedspine", "b"] and table[1].speedup.startswith("2.00x")
+
+
+def test_bootstrap_interval_covers_the_mean_and_stays_within_the_seeds():
+    lo, hi = bootstrap_interval([1.2, 1.5, 1.8])
+    assert 1.2 <= lo < 1.5 < hi <= 1.8
+    assert bootstrap_interval([2.0, 2.0]) == (2.0, 2.0)
+
+
+def test_the_best_of_a_fixed_prune_sweep_gets_its_own_row():
+    ref = {s: _result("fedspine", s, 10.0) for s in (0, 1)}
+    sweep = [_result("fixed-prune 0.1", s, 30.0) for s in (0, 1)] + [
+        _result("fixed-prune 0.3", s, t) for s, t in ((0, 12.0), (1, None))
+    ]
+    sweep += [_result("fixed-prune 0.5", s, 15.0) for s in (0, 1)]
+    table = rows([*ref.values(), *sweep], "fedspine")[""]
+    # 0.3 is fastest on one seed but missed the target on the other: 0.5 is the strongest
+    assert table[-1].variant == "best fixed-prune (fixed-prune 0.5)" and table[-1].speedup.startswith("1.50x")
 
 
 @pytest.mark.slow
