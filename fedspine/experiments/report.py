@@ -220,11 +220,12 @@ def write_results(
         "Columns: *final acc* is the global model's test accuracy after the last round; *device acc* "
         "the mean over devices of each device's own pruned model (when `eval.devices` is on); times are "
         "simulated seconds from the device time model; *speed-up of reference* is "
-        f'`{exp.reference}`\'s time-to-target advantage over the row, seed by seed, averaged, with a 95% '
-        "bootstrap interval over the paired seeds and each seed's ratio when there are several (\">\" = "
+        f"`{exp.reference}`'s time-to-target advantage over the row, seed by seed, averaged, with a 95% "
+        'bootstrap interval over the paired seeds and each seed\'s ratio when there are several (">" = '
         "the row never reached the target, so the ratio is a lower bound); *best fixed-prune* repeats "
         "the fastest ratio of a fixed-prune sweep, chosen on the same seeds; *waiting* is the mean "
-        "idle time per device per round (makespan minus its own time); *sparsity* is the mean achieved pruning ratio.",
+        "idle time per device per round (makespan minus its own time); *sparsity* is the mean "
+        "achieved pruning ratio.",
         "",
     ]
     if missing:
