@@ -182,7 +182,7 @@ def test_a_clientapp_builds_only_the_device_side_of_the_world(tmp_path, monkeypa
 
     from fedspine.bandit import Allocator
     from fedspine.fl.server import Server
-    from fedspine.fl.strategies import Strategy
+    from fedspine.fl.strategies import ArmAssigner as Strategy
     from fedspine.lora.aggregate import AGGREGATORS
 
     rc = run_config(tmp_path, 1)
