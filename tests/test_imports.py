@@ -36,7 +36,7 @@ def test_config_is_plain_data_importing_nothing_from_fedspine_and_no_torch():
 # The layers of docs/architecture.md, bottom up. A module may import its own layer and the ones
 # below, never one above.
 LAYERS = [
-    {"bandit", "lora", "pruning", "data", "assets", "config"},
+    {"bandit", "lora", "pruning", "data", "assets", "config", "seeds"},
     {"models", "logging"},
     {"fl"},
     {"flower", "experiments", "cli"},

@@ -35,12 +35,14 @@ class Server:
         r_max: int,
         client_config: ClientConfig,
         seed: int = 0,
+        init_seed: int | None = None,
         aggregation: str | None = None,
         server_lr: float = 1.0,
         server_momentum: float = 0.0,
     ):
         """``client_config`` is what every device is told to train with, and ``seed`` the run's
-        seed (each device derives its round's randomness from it). ``aggregation`` replaces the
+        seed (each device derives its round's randomness from it; ``init_seed``, default ``seed``,
+        seeds the rule's initial state). ``aggregation`` replaces the
         strategy's own rule (an ablation); None keeps it.
 
         ``server_lr``/``server_momentum`` (ours, FedAvgM, Hsu et al. 2019) treat the rule's
@@ -60,7 +62,8 @@ class Server:
         self.shape, self.module_roles = shape, dict(module_roles)
         self.global_shapes, self.r_max = dict(global_shapes), int(r_max)
         self.client_config, self.seed = client_config, int(seed)
-        self.state = self.rule.init_state(self.global_shapes, self.r_max, rng=seed, heads=dict(heads))
+        init = seed if init_seed is None else init_seed
+        self.state = self.rule.init_state(self.global_shapes, self.r_max, rng=init, heads=dict(heads))
         self.kept: dict[str, KeptIndexMap] = {}
 
     def kept_map(self, device: str) -> KeptIndexMap:

@@ -41,6 +41,7 @@ from fedspine.lora import adapter_shapes, attach, extract, load
 from fedspine.lora.coords import split_key
 from fedspine.models import evaluate
 from fedspine.pruning.index_map import KeptIndexMap
+from fedspine.seeds import Seeds
 
 
 @dataclass
@@ -56,18 +57,19 @@ class Simulation:
 
     def __init__(self, cfg: RunConfig, *, world: World | None = None, runner: DeviceRunner | None = None):
         self.cfg = check(cfg)  # a bad config is refused here, before any model or data is loaded
-        streams = np.random.SeedSequence(cfg.seed).spawn(4)  # partition (World), sampling, jitter, strategy
-        self.rng_sampling = np.random.default_rng(streams[1])
-        self.rng_jitter = np.random.default_rng(streams[2])
+        seeds = Seeds(cfg.seed)  # one named stream per consumer (fedspine.seeds)
+        self.rng_sampling = seeds.rng("sampling")
+        self.rng_jitter = seeds.rng("jitter")
         self.world = world = World.build(cfg) if world is None else world
         self.runner: DeviceRunner = InProcessRunner(world) if runner is None else runner
         model0, shape, family = world.model0, world.shape, world.family
         space = ArmSpace.grid(list(cfg.arms.ratios), list(cfg.arms.ranks))
         strategy = make_strategy(
-            cfg.strategy.name, StrategyContext(space, world.tiers, cfg.seed, cfg.strategy.params)
+            cfg.strategy.name,
+            StrategyContext(space, world.tiers, seeds.integer("strategy"), cfg.strategy.params),
         )
         r_max = max(cfg.arms.ranks)
-        reference = attach(copy.deepcopy(model0), r_max, seed=cfg.seed)
+        reference = attach(copy.deepcopy(model0), r_max, seed=seeds.integer("init"))
         heads = {k: v for k, v in extract(reference).items() if split_key(k)[1] is None}
         module_roles = {
             path: (i, role)
@@ -85,7 +87,8 @@ class Simulation:
             global_shapes=global_shapes,
             heads=heads,
             r_max=r_max,
-            seed=cfg.seed,
+            seed=seeds.integer("clients"),
+            init_seed=seeds.integer("init"),
             aggregation=cfg.strategy.aggregation,
             server_lr=t.server_lr,
             server_momentum=t.server_momentum,

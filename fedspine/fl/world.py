@@ -28,6 +28,7 @@ from fedspine.models import TaskData, build_data, build_model
 from fedspine.pruning.arch import Family, arch_shape, family_of
 from fedspine.pruning.index_map import ArchShape, KeptIndexMap
 from fedspine.pruning.structured import prune_model
+from fedspine.seeds import Seeds
 
 PROBE_SIZE = 32  # examples in a device's fixed probe batch (loss before/after, for the reward)
 # Causal LM (ours): the probe runs twice a round and every token costs a vocabulary-sized output
@@ -54,28 +55,27 @@ class World:
 
     @classmethod
     def build(cls, cfg: RunConfig) -> World:
-        # The partition draws from the first of the seed's four streams (the simulator's sampling
-        # and jitter streams are the next two), as before the world was its own object.
-        partition_stream = np.random.SeedSequence(cfg.seed).spawn(4)[0]
+        seeds = Seeds(cfg.seed)  # one named stream per consumer (fedspine.seeds)
+        partition_stream = seeds.sequence("partition")
         task = cfg.model.task
-        model0, tokenizer = build_model(cfg.model.name, 2, seed=cfg.seed, task=task)
+        model0, tokenizer = build_model(cfg.model.name, 2, seed=seeds.integer("model"), task=task)
         data: TaskData = build_data(
             cfg.data.source,
             tokenizer,
             max_length=cfg.model.max_length,
             test_fraction=cfg.data.test_fraction,
             max_examples=cfg.data.max_examples,
-            seed=cfg.seed,
+            seed=seeds.integer("data"),
             task=task,
         )
         if task == "classification" and data.num_labels != 2:
-            model0, _ = build_model(cfg.model.name, data.num_labels, seed=cfg.seed)
+            model0, _ = build_model(cfg.model.name, data.num_labels, seed=seeds.integer("model"))
         if cfg.data.max_test:
             data.test = {k: v[: cfg.data.max_test] for k, v in data.test.items()}
         device_ids = [f"d{i:03d}" for i in range(cfg.fleet.devices)]
         profiles = paper_fleet(
             cfg.fleet.devices,
-            seed=cfg.seed,
+            seed=seeds.integer("fleet"),
             spread=cfg.fleet.spread,
             link=scaled_link(cfg.fleet.link_scale),
             compute_spread=cfg.fleet.compute_spread,
