@@ -378,8 +378,7 @@ class Allocator:
           pruning less or a rank one step higher costs ``explore_factor`` times its run
           neighbour one grid step cheaper; a lower rank costs at most what the higher one did.
         * The deadline is the slowest device's fastest arm (among the arms its pruning so far
-          allows), times ``1 + deadline_slack``. While newcomers take part (on their start arm,
-          at an unknown speed), it is at least the slowest start-arm time seen in the fleet.
+          allows), times ``1 + deadline_slack``.
         * Each device gets the pruning ratio of the largest arm (by capacity,
           ``fedspine.bandit.planner``) predicted to meet the deadline, as the planner would
           choose, and the policy chooses among the ranks at that ratio that meet it. Pruning is
@@ -407,11 +406,6 @@ class Allocator:
         pred[self._arm_ratios[None, :] < self._floor[lanes_k, None] - 1e-9] = np.inf  # pruned already
         fastest = pred.min(axis=1)
         deadline = float(fastest[np.isfinite(fastest)].max(initial=0.0)) * (1.0 + self.deadline_slack)
-        if not known.all() and np.isfinite(guess[self._start_arm]):
-            # Newcomers run the start arm and will likely set this round's pace: no known device is
-            # pushed below the slowest start-arm time seen in the fleet (pruning is for good).
-            seen = theta[~np.isnan(theta)]
-            deadline = max(deadline, float(np.exp(seen + guess[self._start_arm]).max()))
         if deadline <= 0.0:
             allowed[known, self._start_arm] = True
             return allowed, None
