@@ -28,3 +28,14 @@ def test_torch_is_pinned_exactly():
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert '"torch==2.13.0"' in pyproject
     assert "torch==2.13.0" in (ROOT / "scripts" / "setup.sh").read_text()
+
+
+def test_the_allocator_block_runs():
+    """The README's allocator example is real code (the other blocks: issue #14)."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## The allocator on its own") :]
+    block = re.search(r"```python\n(.*?)```", section, re.S)
+    assert block
+    scope: dict = {}
+    exec(compile(block.group(1), "README.md", "exec"), scope)  # noqa: S102
+    assert scope["alloc"].state_dict()["round"] == 10

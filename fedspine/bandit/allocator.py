@@ -83,13 +83,12 @@ class Allocator:
     * ``"deadline"`` (default): time to accuracy. A round lasts as long as its slowest device,
       so each round gets one deadline, the shortest every device is predicted to meet (the
       slowest device's fastest arm, times ``1 + deadline_slack``), learnt from the fleet time
-      model (:mod:`fedspine.bandit.fleet`). A device may play any arm predicted to finish by it,
-      so a fast device's spare time becomes capacity and only the pace-setters prune hard; the
-      policy (default ``pooled-ucb``, which pools what each arm buys over the fleet) chooses
-      among those arms. The reward's time term is relative to the deadline: finishing within it
-      costs nothing. An arm nobody has run is guessed from its run neighbours one grid step
-      cheaper, times ``explore_factor``. With ``RewardConfig.target_ratio`` set, a common pruning floor
-      keeps the fleet's mean ratio at or above it (equal-sparsity comparisons).
+      model (:mod:`fedspine.bandit.fleet`). Each device gets the pruning ratio of the largest
+      arm predicted to finish by it, so a fast device's spare time becomes capacity and only the
+      pace-setters prune hard; the policy (default ``pooled-ucb``, which pools what each arm
+      buys over the fleet) chooses the rank. The reward's time term is relative to the
+      deadline: finishing within it costs nothing. :meth:`deadline_arms` gives the details
+      (guessed costs of arms nobody ran, monotone pruning, a sparsity target).
     * ``"paper"``: the FedSpine paper's structure as we reconstruct it: per-device bandits
       (default ``s-ucb``) on the reward with its 0.25-quantile time reference, optionally
       capped by ``safe_slack`` below. Kept for ablations and honesty.
@@ -413,11 +412,12 @@ class Allocator:
         target = self.reward.target_ratio
         if target and self._arm_ratios[ok.argmax(axis=1)].mean() > target + 1e-9:
             # a sparsity target below what this deadline needs: lengthen the round until it holds
-            for factor in np.geomspace(1.02, max(2.0, float(pred[np.isfinite(pred)].max() / deadline)), 40):
+            longest = max(2.0, float(pred[np.isfinite(pred)].max() / deadline))
+            for factor in np.geomspace(1.02, longest, 40):  # the last one if none is enough
                 fits, ok = self._fit_deadline(pred, deadline * factor)
                 if self._arm_ratios[ok.argmax(axis=1)].mean() <= target + 1e-9:
-                    deadline *= float(factor)
                     break
+            deadline *= float(factor)
         elif target:
             ok = self._sparsity_floor(fits, ok)
         allowed[known] = ok
@@ -469,13 +469,13 @@ class Allocator:
         )
         return np.where(want.any(axis=1), want.argmax(axis=1), arm_idx)
 
-    def _sparsity_floor(self, fits: np.ndarray, least: np.ndarray) -> np.ndarray:
-        """With a sparsity target: pin each device's ratio to ``max(floor, the least it can
-        prune in time)`` with the lowest common floor whose fleet mean reaches ``target_ratio``
-        (ours). The pace setters prune what the deadline needs, the others exactly the floor;
-        the policy picks the rank. ``least`` is the allowed set without a target."""
+    def _sparsity_floor(self, fits: np.ndarray, chosen: np.ndarray) -> np.ndarray:
+        """With a sparsity target: pin each device's ratio to ``max(floor, the ratio the deadline
+        gives it)`` with the lowest common floor whose fleet mean reaches ``target_ratio`` (ours).
+        The pace setters prune what the deadline needs, the others exactly the floor; the policy
+        picks the rank. ``chosen`` is the allowed set without a target."""
         ratios = self._arm_ratios
-        need = np.where(least, ratios[None, :], np.inf).min(axis=1)
+        need = np.where(chosen, ratios[None, :], np.inf).min(axis=1)
         pinned = need
         for floor in sorted(set(ratios.tolist())):
             above = np.where(fits & (ratios[None, :] >= floor - 1e-12), ratios[None, :], np.inf).min(axis=1)

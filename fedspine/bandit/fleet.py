@@ -75,17 +75,14 @@ class FleetModel:
         self.log_sum = np.concatenate([self.log_sum, np.zeros((n, self.n_arms))])
         self.weight = np.concatenate([self.weight, np.zeros((n, self.n_arms))])
 
-    def observe(
-        self, lanes: np.ndarray, arms: np.ndarray, times_s: np.ndarray, quality: np.ndarray
-    ) -> np.ndarray:
-        """Record completed rounds (lanes distinct); returns the lanes whose speed changed."""
+    def observe(self, lanes: np.ndarray, arms: np.ndarray, times_s: np.ndarray, quality: np.ndarray) -> None:
+        """Record completed rounds (lanes distinct)."""
         self.quality_sum += np.bincount(arms, weights=quality, minlength=self.n_arms)
         self.quality_n += np.bincount(arms, minlength=self.n_arms)
         keep = times_s > 0
         lanes, arms, times_s = lanes[keep], arms[keep], times_s[keep]
-        changed = np.zeros(0, dtype=np.int64)
         if lanes.size == 0:
-            return changed
+            return
         log_t = np.log(times_s)
         if self.change_factor is not None:  # against the device's own times on that arm only
             own_w = self.weight[lanes, arms]
@@ -99,7 +96,6 @@ class FleetModel:
         self.weight[lanes] *= self.decay
         self.log_sum[lanes, arms] += log_t
         self.weight[lanes, arms] += 1.0
-        return changed
 
     def fit(self) -> tuple[np.ndarray, np.ndarray]:
         """Device slowness theta (NaN if never observed) and arm cost phi (NaN if nobody ran it)."""
@@ -125,7 +121,6 @@ class FleetModel:
         own_sum, own_w = self.log_sum[lanes], self.weight[lanes]
         with np.errstate(invalid="ignore"):
             mixed = (own_sum + prior_weight * pooled) / (own_w + prior_weight)
-        mixed = np.where(np.isnan(pooled) & (own_w > 0), own_sum / np.where(own_w > 0, own_w, 1.0), mixed)
         return np.exp(mixed)
 
     def quality(self) -> np.ndarray:

@@ -34,16 +34,6 @@ def capacity(space: ArmSpace) -> np.ndarray:
     return (1.0 - p) * np.log2(2.0 * r)
 
 
-def cheaper_or_equal(space: ArmSpace) -> np.ndarray:
-    """``dom[a, b]``: arm b is no heavier than arm a (prunes at least as much, rank no higher).
-
-    Structural pruning and LoRA cost are monotone in these two knobs on every device, so b's
-    time never exceeds a's; the allocator uses this to bound the time of arms nobody has run."""
-    p = np.array([a.ratio for a in space])
-    r = np.array([a.rank for a in space])
-    return (p[None, :] >= p[:, None]) & (r[None, :] <= r[:, None])
-
-
 def one_step_cheaper(space: ArmSpace) -> np.ndarray:
     """``step[a, b]``: arm b is arm a with the next larger ratio or the next smaller rank of the
     space (one grid step cheaper along one axis)."""
