@@ -30,6 +30,9 @@ TASKS = ("classification", "causal-lm")  # == fedspine.models.TASKS (a contract 
 LM_DATA_SOURCES = ("synthetic", "chatterbot")  # task causal-lm: prompt/answer pairs (fedspine.data.causal)
 LM_MODELS = ("tiny-llama", "smollm2-135m")  # decoders; or a local HF causal-LM directory
 PARTITIONS = ("iid", "dirichlet")  # == fedspine.data.partition.SCHEMES
+PRECISIONS = ("auto", "fp32", "bf16")  # ClientConfig.precision (fedspine.fl.placement)
+DEVICES = ("auto", "cpu", "cuda")  # ClientConfig.device (fedspine.fl.placement)
+RUNNERS = ("auto", "per-device", "batched")  # TrainConfig.runner (fedspine.fl.runners / batched)
 WANDB_MODES = ("disabled", "offline", "online")
 LOSSES = ("ce", "logit-adjusted")  # ClientConfig.loss; the client step implements each
 # == the keys of fedspine.fl.strategies.STRATEGIES, fedspine.lora.aggregate.AGGREGATORS and
@@ -97,6 +100,11 @@ class ClientConfig:
     # predicting its majority class, so its update carries features, not a bias that the average
     # cancels. Sequence classification only; "ce" is plain cross-entropy.
     loss: str = "ce"
+    # Compute precision of the frozen base: "auto" = bf16 where the hardware has it (a CPU with
+    # AMX-BF16 / AVX-512-BF16, a CUDA GPU with bf16), else fp32. Adapters, their gradients and
+    # the optimizer state stay fp32 in every mode (fedspine.fl.placement).
+    precision: str = "auto"
+    device: str = "auto"  # "auto" = cuda when available, else cpu
 
     _section: ClassVar[str] = "client."  # how errors name the fields
 
@@ -108,6 +116,10 @@ class ClientConfig:
         require(self.prune_interval >= 1, f"{where}prune_interval", ">= 1", self.prune_interval)
         require(self.round_to >= 1, f"{where}round_to", ">= 1", self.round_to)
         require(self.loss in LOSSES, f"{where}loss", f"one of {list(LOSSES)}", self.loss)
+        require(
+            self.precision in PRECISIONS, f"{where}precision", f"one of {list(PRECISIONS)}", self.precision
+        )
+        require(self.device in DEVICES, f"{where}device", f"one of {list(DEVICES)}", self.device)
         require(
             self.importance in IMPORTANCES,
             f"{where}importance",
@@ -130,6 +142,12 @@ class TrainConfig(ClientConfig):
     batch_size: int = 16  # each device's batches come from its own data stream, not the message
     server_lr: float = 1.0  # server step on the aggregate (ours, FedAvgM; fedspine.fl.server)
     server_momentum: float = 0.0  # 0 = plain aggregation
+    # Where a simulation trains its devices: "per-device" (one peft model per device, the
+    # reference path), "batched" (the devices of a round together on one shared base,
+    # fedspine.fl.batched), or "auto" (batched for every device it can take, per-device for
+    # the rest). Flower devices always train on their own.
+    runner: str = "auto"
+    batch_devices: int = 16  # at most this many devices in one batched pass (memory grows with it)
 
 
 @dataclass(frozen=True)
@@ -245,6 +263,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     need(t.rounds >= 1, "train.rounds", ">= 1", t.rounds)
     need(t.batch_size >= 1, "train.batch_size", ">= 1", t.batch_size)
     need(t.server_lr > 0, "train.server_lr", "> 0", t.server_lr)
+    need(t.runner in RUNNERS, "train.runner", f"one of {list(RUNNERS)}", t.runner)
+    need(t.batch_devices >= 1, "train.batch_devices", ">= 1", t.batch_devices)
     need(0 <= t.server_momentum < 1, "train.server_momentum", "in [0, 1)", t.server_momentum)
     need(
         len(a.ratios) > 0 and all(0 <= r < 1 for r in a.ratios),

@@ -25,7 +25,26 @@ def check(cfg: RunConfig) -> RunConfig:
     s = cfg.strategy
     space = ArmSpace.grid(list(cfg.arms.ratios), list(cfg.arms.ranks))
     strategy = STRATEGIES[s.name](StrategyContext(space, {}, cfg.seed, s.params))
-    get_aggregator(s.aggregation or strategy.aggregation)
+    rule = s.aggregation or strategy.aggregation
+    get_aggregator(rule)
+    t = cfg.train
+    if t.runner == "batched":
+        # what fedspine.fl.batched.batchable refuses, said before anything loads
+        if t.importance != "lora_gradient":
+            raise ValueError(
+                f"train.runner 'batched' needs train.importance 'lora_gradient', got {t.importance!r} "
+                "(other criteria score the plain pruned model); use train.runner 'auto' or 'per-device'"
+            )
+        if rule == "flora":
+            raise ValueError(
+                "train.runner 'batched' cannot train with the 'flora' aggregation rule (each device's base "
+                "changes); use train.runner 'auto' or 'per-device'"
+            )
+    if t.device == "cuda" and t.runner == "per-device":
+        raise ValueError(
+            "train.device 'cuda' needs train.runner 'batched' or 'auto' "
+            "(the per-device path trains on the CPU)"
+        )
     return cfg
 
 

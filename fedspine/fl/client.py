@@ -17,6 +17,7 @@ from torch import nn
 
 from fedspine.config import LOSSES, ClientConfig
 from fedspine.fl.messages import TrainIns, TrainRes
+from fedspine.fl.placement import autocast, resolve_precision
 from fedspine.lora.adapters import ALPHA_PER_RANK, attach, detach, extract, load
 from fedspine.lora.coords import LORA_A, LORA_B, split_key
 from fedspine.pruning.arch import module_slices
@@ -87,7 +88,12 @@ def _client_step(
         applied.update({p: np.array(d, dtype=np.float32) for p, d in ins.base_delta.items()})
     peft_model = attach(model, ins.rank, seed=seed)
     load(peft_model, ins.adapter, strict=True)
-    loss_before = _probe_loss(peft_model, data.probe)
+    # This path trains on the CPU (train.device picks the batched runner's device); bf16 autocasts
+    # the matmuls and keeps the fp32 weights, adapters and optimizer state.
+    cpu = torch.device("cpu")
+    dtype = resolve_precision(cfg.precision, cpu)
+    with autocast(cpu, dtype):
+        loss_before = _probe_loss(peft_model, data.probe)
 
     steps = cfg.local_steps
     # At least one prune per round when the target asks for more than the device has (ours).
@@ -107,14 +113,16 @@ def _client_step(
     batches = data.batches(gen)
     loss_fn = _loss_fn(cfg.loss, data.label_counts)
     for _ in range(steps):
-        loss = loss_fn(tuner.model, next(batches))
+        with autocast(cpu, dtype):
+            loss = loss_fn(tuner.model, next(batches))
         loss.backward()
         if tuner.after_backward():
             opt = _optimizer(tuner.model, cfg)  # new parameters after a prune
         else:
             opt.step()
         opt.zero_grad(set_to_none=True)
-    loss_after = _probe_loss(tuner.model, data.probe)
+    with autocast(cpu, dtype):
+        loss_after = _probe_loss(tuner.model, data.probe)
     adapter = extract(tuner.model)
     base, _ = detach(tuner.model)
     res = TrainRes(
@@ -132,6 +140,7 @@ def _client_step(
             "train_time_s": time.perf_counter() - start,
             "steps": float(steps),
             "prunes": float(tuner.prunes),
+            "bf16": float(dtype == torch.bfloat16),
         },
     )
     if applied:

@@ -61,7 +61,7 @@ class Simulation:
         self.rng_sampling = seeds.rng("sampling")
         self.rng_jitter = seeds.rng("jitter")
         self.world = world = World.build(cfg) if world is None else world
-        self.runner: DeviceRunner = InProcessRunner(world) if runner is None else runner
+        self.runner: DeviceRunner = default_runner(cfg, world) if runner is None else runner
         model0, shape, family = world.model0, world.shape, world.family
         space = ArmSpace.grid(list(cfg.arms.ratios), list(cfg.arms.ranks))
         strategy = make_strategy(
@@ -257,6 +257,17 @@ class Simulation:
         return evaluate(model, self.world.data.test, self.world.task)["accuracy"]
 
 
+def default_runner(cfg: RunConfig, world: World) -> DeviceRunner:
+    """The in-process runner ``train.runner`` names ("auto": batched where it can be)."""
+    if cfg.train.runner == "per-device":
+        return InProcessRunner(world)
+    from fedspine.fl.batched import BatchedRunner
+
+    return BatchedRunner(
+        world, group_size=cfg.train.batch_devices, only_batched=cfg.train.runner == "batched"
+    )
+
+
 def run(
     cfg: RunConfig,
     logger: Any = None,
@@ -385,4 +396,4 @@ def _progress(total: int, *, enabled: bool) -> Any:
     return tqdm(total=total, desc="rounds", unit="round")
 
 
-__all__ = ["RunResult", "Simulation", "default_run_dir", "run", "run_in_dir", "summarize"]
+__all__ = ["RunResult", "Simulation", "default_run_dir", "default_runner", "run", "run_in_dir", "summarize"]

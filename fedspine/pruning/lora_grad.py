@@ -34,9 +34,22 @@ def lora_element_scores(
     grad_b: torch.Tensor,
     scaling: float,
 ) -> torch.Tensor:
-    """``|G * (W + s B A)|`` for one LoRA-wrapped Linear (shapes: W (out, in), A (r, in), B (out, r))."""
-    g = grad_b @ lora_a + lora_b @ grad_a - grad_b @ grad_a
-    return (g * (weight + scaling * (lora_b @ lora_a))).abs()
+    """``|G * (W + s B A)|`` for one LoRA-wrapped Linear (shapes: W (out, in), A (r, in), B (out, r)),
+    or for a stack of them (leading batch dims on A, B and the gradients; W shared).
+
+    Computed as ``G = [dB | B] @ [A - dA ; dA]`` (the same sum, one matmul of rank 2r) and
+    ``W + s B A`` as one fused multiply-add, then multiplied in place: the three full-size
+    temporaries of the textbook form cost more than the matmuls on a CPU.
+    """
+    left = torch.cat([grad_b, lora_b], dim=-1)
+    right = torch.cat([lora_a - grad_a, grad_a], dim=-2)
+    g = left @ right
+    merged = (
+        torch.baddbmm(weight, lora_b, lora_a, alpha=scaling)
+        if lora_a.dim() == 3
+        else torch.addmm(weight, lora_b, lora_a, alpha=scaling)
+    )
+    return g.mul_(merged).abs_()
 
 
 def reduce_scores(element_scores: torch.Tensor, axis: str) -> torch.Tensor:

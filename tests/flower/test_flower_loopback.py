@@ -24,7 +24,11 @@ from fedspine.flower.server_app import serve  # noqa: E402
 from fedspine.pruning.index_map import ArchShape, KeptIndexMap  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = "fleet.devices=4 train.local_steps=4 train.prune_interval=2 data.max_examples=240 log.progress=false"
+# The in-process simulator on the per-device path: what Flower devices run (fedspine.fl.client).
+TINY = (
+    "fleet.devices=4 train.local_steps=4 train.prune_interval=2 data.max_examples=240 log.progress=false "
+    "train.runner=per-device"
+)
 
 
 @pytest.fixture(autouse=True)

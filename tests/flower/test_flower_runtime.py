@@ -21,7 +21,11 @@ from fedspine.flower.local import LocalFederation, _descendants  # noqa: E402
 from fedspine.logging import read_metrics  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]  # the Flower app: [tool.flwr.app] in pyproject.toml
-TINY = "train.local_steps=4 train.prune_interval=2 data.max_examples=240 log.progress=false"
+# train.runner=per-device: the in-process simulator on the path Flower devices run (fedspine.fl.client)
+TINY = (
+    "train.local_steps=4 train.prune_interval=2 data.max_examples=240 log.progress=false "
+    "train.runner=per-device"
+)
 
 
 def app_config(tmp_path, devices, rounds, **extra):
