@@ -34,7 +34,7 @@ from fedspine.fl.messages import Failure, TrainRes
 from fedspine.fl.runners import DeviceRunner, InProcessRunner, Reply
 from fedspine.fl.server import Server
 from fedspine.fl.strategies import StrategyContext, make_strategy
-from fedspine.fl.time_model import fits, round_time, round_work_for_map, round_work_for_ratio
+from fedspine.fl.time_model import Workload, fits, round_time, round_work_for_map, round_work_for_ratio
 from fedspine.fl.world import World
 from fedspine.logging import RunLogger
 from fedspine.lora import adapter_shapes, attach, extract, load
@@ -112,7 +112,7 @@ class Simulation:
 
     def work(self, kept: KeptIndexMap | None, ratio: float, rank: int):
         t, m = self.cfg.train, self.cfg.model
-        kw = dict(
+        load = Workload(
             lora_rank=rank,
             steps=t.local_steps,
             batch=t.batch_size,
@@ -122,8 +122,8 @@ class Simulation:
             lm_head=self.lm_head,
         )
         if kept is not None:
-            return round_work_for_map(kept, **kw)
-        return round_work_for_ratio(self.world.shape, ratio, round_to=t.round_to, **kw)
+            return round_work_for_map(kept, load)
+        return round_work_for_ratio(self.world.shape, ratio, load, round_to=t.round_to)
 
     def run_round(self) -> dict[str, Any]:
         """One round; the client steps run wherever the runner sends them."""
