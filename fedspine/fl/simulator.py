@@ -39,7 +39,6 @@ from fedspine.fl.world import World
 from fedspine.logging import RunLogger
 from fedspine.lora import adapter_shapes, attach, extract, load
 from fedspine.lora.coords import split_key
-from fedspine.models import evaluate
 from fedspine.pruning.index_map import KeptIndexMap
 from fedspine.seeds import Seeds
 
@@ -97,7 +96,7 @@ class Simulation:
         self.clock_s = 0.0
         self.round = 0
         # The time model counts the vocabulary-sized output layer only for a causal LM.
-        self.lm_head = world.task == "causal-lm"
+        self.lm_head = world.task.lm_head
         self.last_metrics: dict[str, float] = {}  # the latest evaluate_global's full metrics
 
     # --- one round -----------------------------------------------------------------------------
@@ -246,7 +245,7 @@ class Simulation:
         model = self._with_adapter(
             copy.deepcopy(self.world.model0), self.server.r_max, self.server.full_model_adapter()
         )
-        self.last_metrics = evaluate(model, self.world.data.test, self.world.task)
+        self.last_metrics = self.world.task.evaluate(model, self.world.data.test)
         return self.last_metrics["accuracy"]
 
     def evaluate_device(self, device: str, pruned: nn.Module) -> float:
@@ -254,7 +253,7 @@ class Simulation:
         rank = self.server.r_max
         dist = self.server.rule.distribute(self.server.state, self.server.slices(device), rank)
         model = self._with_adapter(copy.deepcopy(pruned), rank, dist)
-        return evaluate(model, self.world.data.test, self.world.task)["accuracy"]
+        return self.world.task.evaluate(model, self.world.data.test)["accuracy"]
 
 
 def run(
