@@ -23,6 +23,15 @@ from torch import nn
 from fedspine.assets import asset_path
 
 TINY_VOCAB = 128
+# The tiny random models of tests and smoke runs (tiny-bert, tiny-llama): one size for both.
+_TINY_SIZES = dict(
+    vocab_size=TINY_VOCAB,
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=128,
+    max_position_embeddings=128,
+)
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -69,15 +78,7 @@ def build_classifier(name: str, num_labels: int, *, seed: int = 0) -> tuple[nn.M
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if name == "tiny-bert":
-            cfg = BertConfig(
-                vocab_size=TINY_VOCAB,
-                hidden_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                intermediate_size=128,
-                max_position_embeddings=128,
-                num_labels=num_labels,
-            )
+            cfg = BertConfig(**_TINY_SIZES, num_labels=num_labels)
             return BertForSequenceClassification(cfg).eval(), None
         if name == "tiny-llama":
             return LlamaForSequenceClassification(_tiny_llama_config(num_labels=num_labels)).eval(), None
@@ -96,17 +97,7 @@ def _tiny_llama_config(**extra: Any) -> Any:
     """The tiny LLaMA of tests and smoke runs: GQA (4 query / 2 KV heads), like SmolLM2."""
     from transformers import LlamaConfig
 
-    return LlamaConfig(
-        vocab_size=TINY_VOCAB,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-        max_position_embeddings=128,
-        pad_token_id=0,
-        **extra,
-    )
+    return LlamaConfig(**_TINY_SIZES, num_key_value_heads=2, pad_token_id=0, **extra)
 
 
 def build_causal_lm(name: str, *, seed: int = 0) -> tuple[nn.Module, Any]:
