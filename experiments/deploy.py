@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from fedspine.experiments import environment
-    from fedspine.fl.time_model import layer_counts, memory_bytes
+    from fedspine.fl.time_model import Workload, layer_counts, memory_bytes
     from fedspine.lora import attach
     from fedspine.models import build_model
     from fedspine.pruning import arch_shape, family_of, prune_to_ratio
@@ -92,13 +92,16 @@ def main(argv: list[str] | None = None) -> int:
         return float(
             memory_bytes(
                 shape,
+                Workload(
+                    lora_rank=args.rank,
+                    steps=1,  # one step's peak: the step count does not enter the memory
+                    batch=args.batch,
+                    seq_len=args.length,
+                    vocab_size=0,
+                    mlp_matrices=fam.mlp_matrices,
+                    lm_head=False,
+                ),
                 **layer_counts(kept),
-                lora_rank=args.rank,
-                batch=args.batch,
-                seq_len=args.length,
-                vocab_size=0,
-                mlp_matrices=fam.mlp_matrices,
-                lm_head=False,
             )
         ), "modelled (time model)"
 

@@ -5,10 +5,13 @@ packages that ship their weights (``fedspine.assets``) or a local directory. Not
 
 Two tasks (``model.task``): ``"classification"`` (sequence classifiers) and ``"causal-lm"``
 (decoder LMs trained on the answer tokens of prompt/answer pairs, ``fedspine.data.causal``).
+Each is a :class:`Task` in ``TASKS``; callers ask it (``get_task(cfg.model.task)``) what differs
+between the two instead of comparing the name.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +23,15 @@ from torch import nn
 from fedspine.assets import asset_path
 
 TINY_VOCAB = 128
-TASKS = ("classification", "causal-lm")
+# The tiny random models of tests and smoke runs (tiny-bert, tiny-llama): one size for both.
+_TINY_SIZES = dict(
+    vocab_size=TINY_VOCAB,
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=128,
+    max_position_embeddings=128,
+)
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -46,15 +57,16 @@ class TaskData:
 
 
 def build_model(
-    name: str, num_labels: int, *, seed: int = 0, task: str = "classification"
+    name: str, num_labels: int, *, seed: int = 0, task: str | Task = "classification"
 ) -> tuple[nn.Module, Any]:
     """(model, tokenizer or None). Random parts (tiny models, a fresh classifier head) are drawn
     from ``seed`` in a forked RNG, leaving the global RNG untouched. ``task="causal-lm"`` gives a
     ``*ForCausalLM`` (``num_labels`` is ignored), see :func:`build_causal_lm`."""
-    if task not in TASKS:
-        raise ValueError(f"task must be one of {list(TASKS)}, got {task!r}")
-    if task == "causal-lm":
-        return build_causal_lm(name, seed=seed)
+    return get_task(task).build_model(name, num_labels, seed=seed)
+
+
+def build_classifier(name: str, num_labels: int, *, seed: int = 0) -> tuple[nn.Module, Any]:
+    """(sequence classifier with ``num_labels`` outputs, tokenizer or None); see :func:`build_model`."""
     from transformers import (
         AutoModelForSequenceClassification,
         AutoTokenizer,
@@ -66,15 +78,7 @@ def build_model(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if name == "tiny-bert":
-            cfg = BertConfig(
-                vocab_size=TINY_VOCAB,
-                hidden_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                intermediate_size=128,
-                max_position_embeddings=128,
-                num_labels=num_labels,
-            )
+            cfg = BertConfig(**_TINY_SIZES, num_labels=num_labels)
             return BertForSequenceClassification(cfg).eval(), None
         if name == "tiny-llama":
             return LlamaForSequenceClassification(_tiny_llama_config(num_labels=num_labels)).eval(), None
@@ -93,17 +97,7 @@ def _tiny_llama_config(**extra: Any) -> Any:
     """The tiny LLaMA of tests and smoke runs: GQA (4 query / 2 KV heads), like SmolLM2."""
     from transformers import LlamaConfig
 
-    return LlamaConfig(
-        vocab_size=TINY_VOCAB,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-        max_position_embeddings=128,
-        pad_token_id=0,
-        **extra,
-    )
+    return LlamaConfig(**_TINY_SIZES, num_key_value_heads=2, pad_token_id=0, **extra)
 
 
 def build_causal_lm(name: str, *, seed: int = 0) -> tuple[nn.Module, Any]:
@@ -149,33 +143,44 @@ def build_data(
     test_fraction: float,
     max_examples: int | None,
     seed: int,
-    task: str = "classification",
+    task: str | Task = "classification",
 ) -> TaskData:
     """Load, split (stratified, seeded) and tokenise. ``"synthetic"`` makes a learnable toy task
     for tiny models: the label says whether the first token is in the lower half of the vocab
     (classification), or the sequence continues its prompt's progression (causal-lm)."""
+    return get_task(task).build_data(
+        source,
+        tokenizer,
+        max_length=max_length,
+        test_fraction=test_fraction,
+        max_examples=max_examples,
+        seed=seed,
+    )
+
+
+def _split(
+    enc: dict[str, torch.Tensor], labels: np.ndarray, test_fraction: float, seed: int
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], np.ndarray]:
+    """(train, test) tensors of ``enc``, split stratified by ``labels`` (seeded), and the train indices."""
     from fedspine.data.partition import train_test_split
 
-    if task not in TASKS:
-        raise ValueError(f"task must be one of {list(TASKS)}, got {task!r}")
-    if task == "causal-lm":
-        return build_lm_data(
-            source,
-            tokenizer,
-            max_length=max_length,
-            test_fraction=test_fraction,
-            max_examples=max_examples,
-            seed=seed,
-        )
+    tr, te = train_test_split(len(labels), test_fraction, seed=seed, labels=labels)
+    pick = lambda idx: {k: v[torch.as_tensor(idx)] for k, v in enc.items()}  # noqa: E731
+    return pick(tr), pick(te), tr
+
+
+def build_classification_data(
+    source: str, tokenizer: Any, *, max_length: int, test_fraction: float, max_examples: int | None, seed: int
+) -> TaskData:
+    """Sequence-classification data, split stratified by label; see :func:`build_data`."""
     if source == "synthetic":
         rng = np.random.default_rng(seed)
         n = max_examples or 600
         ids = torch.as_tensor(rng.integers(1, TINY_VOCAB, size=(n, max_length)), dtype=torch.int64)
         labels = (ids[:, 0] < TINY_VOCAB // 2).long()
-        tr, te = train_test_split(n, test_fraction, seed=seed, labels=labels.numpy())
         enc = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
-        pick = lambda idx: {k: v[torch.as_tensor(idx)] for k, v in enc.items()}  # noqa: E731
-        return TaskData(pick(tr), pick(te), 2, ["high", "low"])
+        train, test, _ = _split(enc, labels.numpy(), test_fraction, seed)
+        return TaskData(train, test, 2, ["high", "low"])
     from fedspine.data.sources import label_names, load_text_classification, split_dataset
     from fedspine.data.tokenize import tokenize
 
@@ -190,17 +195,10 @@ def build_data(
 
 
 def build_lm_data(
-    source: str,
-    tokenizer: Any,
-    *,
-    max_length: int,
-    test_fraction: float,
-    max_examples: int | None,
-    seed: int,
+    source: str, tokenizer: Any, *, max_length: int, test_fraction: float, max_examples: int | None, seed: int
 ) -> TaskData:
     """Causal-LM data (``fedspine.data.causal``), split stratified by group (topic), seeded."""
     from fedspine.data import causal
-    from fedspine.data.partition import train_test_split
 
     if source == "synthetic":
         enc, groups = causal.synthetic_lm(max_examples or 600, max_length, TINY_VOCAB, seed=seed)
@@ -222,9 +220,8 @@ def build_lm_data(
         raise ValueError(
             f"data.source for task 'causal-lm' must be 'synthetic' or 'chatterbot', got {source!r}"
         )
-    tr, te = train_test_split(len(groups), test_fraction, seed=seed, labels=groups)
-    pick = lambda idx: {k: v[torch.as_tensor(idx)] for k, v in enc.items()}  # noqa: E731
-    return TaskData(pick(tr), pick(te), len(names), list(names), task="causal-lm", groups=groups[tr])
+    train, test, tr = _split(enc, groups, test_fraction, seed)
+    return TaskData(train, test, len(names), list(names), task="causal-lm", groups=groups[tr])
 
 
 @torch.no_grad()
@@ -276,10 +273,73 @@ def lm_metrics(model: nn.Module, data: dict[str, torch.Tensor], batch_size: int 
     return {"accuracy": correct / count, "loss": loss, "perplexity": float(np.exp(min(loss, 700.0)))}
 
 
+def classification_metrics(model: nn.Module, data: dict[str, torch.Tensor]) -> dict[str, float]:
+    return {"accuracy": accuracy(model, data)}
+
+
 def evaluate(
-    model: nn.Module, data: dict[str, torch.Tensor], task: str = "classification"
+    model: nn.Module, data: dict[str, torch.Tensor], task: str | Task = "classification"
 ) -> dict[str, float]:
     """The task's metrics; ``"accuracy"`` is always there and in [0, 1]."""
-    if task == "causal-lm":
-        return lm_metrics(model, data)
-    return {"accuracy": accuracy(model, data)}
+    return get_task(task).evaluate(model, data)
+
+
+# --- the tasks -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Task:
+    """What differs between classification and causal LM, asked of the task instead of its name.
+
+    ``lm_head``: the model ends in a vocabulary-sized output layer, computed for every token (the
+    time model prices it, ``fedspine.fl.time_model.Workload``). ``class_labels``: one class label
+    per example, so the model's head is sized by the data's label count and each device has a
+    label prior (its label counts, for the logit-adjusted loss); a causal LM's labels are tokens
+    and its partition groups are topics. ``probe_size``: examples in a device's fixed probe
+    batch (loss before / after a round, for the reward). The three functions build the model
+    (``(name, num_labels, *, seed) -> (model, tokenizer or None)``), build the tokenised data
+    (the keywords of :func:`build_data`) and evaluate (``(model, data) -> metrics``, with
+    ``"accuracy"`` in [0, 1]).
+    """
+
+    name: str
+    lm_head: bool
+    class_labels: bool
+    probe_size: int
+    build_model: Callable[..., tuple[nn.Module, Any]]
+    build_data: Callable[..., TaskData]
+    evaluate: Callable[[nn.Module, dict[str, torch.Tensor]], dict[str, float]]
+
+
+def _causal_lm_model(name: str, num_labels: int, *, seed: int = 0) -> tuple[nn.Module, Any]:
+    return build_causal_lm(name, seed=seed)  # no task head: the label count does not enter
+
+
+CLASSIFICATION = Task(
+    "classification",
+    lm_head=False,
+    class_labels=True,
+    probe_size=32,
+    build_model=build_classifier,
+    build_data=build_classification_data,
+    evaluate=classification_metrics,
+)
+# Causal LM (ours): the probe runs twice a round and every token costs a vocabulary-sized output
+# (49k for SmolLM2), so it is smaller; answer tokens per example are many, so 8 still average well.
+CAUSAL_LM = Task(
+    "causal-lm",
+    lm_head=True,
+    class_labels=False,
+    probe_size=8,
+    build_model=_causal_lm_model,
+    build_data=build_lm_data,
+    evaluate=lm_metrics,
+)
+TASKS: dict[str, Task] = {t.name: t for t in (CLASSIFICATION, CAUSAL_LM)}
+
+
+def get_task(task: str | Task) -> Task:
+    """The registered task of that name (a ``Task`` is returned as it is)."""
+    if isinstance(task, Task):
+        return task
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {list(TASKS)}, got {task!r}")
+    return TASKS[task]

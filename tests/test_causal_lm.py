@@ -94,6 +94,24 @@ def test_tiny_causal_model_is_a_gqa_decoder_and_encoders_are_refused():
         build_model("tiny-bert", 2, task="causal-lm")
 
 
+def test_each_task_is_one_object_that_callers_ask_instead_of_its_name():
+    from fedspine import config
+    from fedspine.models import CAUSAL_LM, CLASSIFICATION, TASKS, get_task
+
+    assert tuple(TASKS) == config.TASKS and get_task("causal-lm") is CAUSAL_LM is get_task(CAUSAL_LM)
+    assert (CAUSAL_LM.lm_head, CAUSAL_LM.class_labels, CAUSAL_LM.probe_size) == (True, False, 8)
+    assert (CLASSIFICATION.lm_head, CLASSIFICATION.class_labels, CLASSIFICATION.probe_size) == (
+        False,
+        True,
+        32,
+    )
+    with pytest.raises(ValueError, match=r"task must be one of \['classification', 'causal-lm'\], got 'lm'"):
+        build_model("tiny-llama", 2, task="lm")
+    model, _ = CAUSAL_LM.build_model("tiny-llama", 5, seed=0)  # no task head: the label count is unused
+    data = CAUSAL_LM.build_data("synthetic", None, max_length=16, test_fraction=0.25, max_examples=40, seed=0)
+    assert set(CAUSAL_LM.evaluate(model, data.test)) == {"accuracy", "loss", "perplexity"}
+
+
 # --- config --------------------------------------------------------------------------------------
 def test_config_task_is_validated_with_the_field_and_allowed_values():
     assert load_config(None, []).model.task == "classification"

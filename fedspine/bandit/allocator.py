@@ -5,18 +5,19 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from itertools import repeat
 from operator import attrgetter
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from fedspine.bandit.arms import Arm, ArmSpace
 from fedspine.bandit.fleet import FleetModel
-from fedspine.bandit.planner import capacity, one_step_cheaper
 from fedspine.bandit.policies import POLICIES, make_policy
-from fedspine.bandit.reward import RewardConfig, combine, loss_gain, time_score
+from fedspine.bandit.reward import RewardConfig
+from fedspine.bandit.safety import SafeExploration
+from fedspine.bandit.tracker import RewardTracker
 
 DeviceId = str | int
 
@@ -34,11 +35,6 @@ _REPORT_FIELDS = (
 _report_fields = attrgetter(*_REPORT_FIELDS)
 _STATE_VERSION = 2
 OBJECTIVES = ("deadline", "paper")
-# Objective "deadline": an arm a device has not run itself is admitted only if its pooled predicted
-# time, times this margin, meets the deadline (ours; chosen on the synthetic fleets that
-# scripts/allocator_vs_planner.py holds out: 1.0 overshoots the planner's makespan by ~7%, 1.05
-# costs ~2% capacity).
-_UNPROVEN_MARGIN = 1.03
 _CONFIG_KEYS = (
     "safe_slack",
     "objective",
@@ -68,6 +64,20 @@ class RoundReport:
     achieved_ratio: float | None = None
     update_norm: float | None = None
     failed: bool = False
+
+
+class _Reports(NamedTuple):
+    """A batch of validated reports as columns (NaN where an optional field is absent)."""
+
+    ids: list[DeviceId]
+    lanes: np.ndarray
+    arm_idx: np.ndarray
+    failed: np.ndarray
+    times: np.ndarray
+    loss_before: np.ndarray
+    loss_after: np.ndarray
+    update_norm: np.ndarray
+    ratios: np.ndarray  # achieved (default: the arm's)
 
 
 class Allocator:
@@ -108,6 +118,13 @@ class Allocator:
     ``safe_slack`` (objective ``"paper"``; ours, not in the paper) turns on safe exploration: the
     fleet time model keeps every device's exploration under the round's predicted makespan at
     the reward-optimal arms, times ``1 + safe_slack``. ``None`` leaves pure per-device bandits.
+
+    Its parts, each owning its own state (all of it in :meth:`state_dict`): the ``policy`` (one
+    lane per device), the ``fleet`` time model, the ``reward_tracker``
+    (:class:`~fedspine.bandit.tracker.RewardTracker`: the reward's per-device scales and time
+    reference) and ``safety`` (:class:`~fedspine.bandit.safety.SafeExploration`: the allowed arms,
+    the pruning floors and the round's deadline). The allocator itself validates the reports and
+    keeps the lanes, the pending assignments and the RNG.
     """
 
     def __init__(
@@ -147,29 +164,15 @@ class Allocator:
         _check_number(prune_elasticity, "prune_elasticity", lo=0.0)
         self.space = space
         self.objective = objective
-        self.safe_slack = None if safe_slack is None else float(safe_slack)
-        self.deadline_slack = float(deadline_slack)
-        self.explore_factor = float(explore_factor)
         self.change_factor = None if change_factor is None else float(change_factor)
-        self.monotone_pruning = bool(monotone_pruning)
-        self.prune_elasticity = float(prune_elasticity)
         # The paper objective keeps its original time model exactly (no change detection).
         if objective == "deadline":  # sudden changes are caught by change_factor, so times fade slowly
             self.fleet = FleetModel(len(space), decay=0.98, change_factor=self.change_factor)
         else:
             self.fleet = FleetModel(len(space))
-        self._capacity = capacity(space)
-        self._step = one_step_cheaper(space)
-        self._cheapest = int(np.argmin(self._capacity))
         self._arm_ratios = np.array([a.ratio for a in space], dtype=np.float64)
         self._arm_ranks = np.array([a.rank for a in space], dtype=np.int64)
         self._grid_ratios = np.array(space.ratios)
-        # A newcomer's first arm: pruning is undone by nothing when devices prune progressively
-        # (the paper's design), so start unpruned at the lowest rank; else on the cheapest arm.
-        unpruned = np.flatnonzero(self._arm_ratios == self._grid_ratios[0])
-        self._start_arm = (
-            int(unpruned[np.argmin(self._arm_ranks[unpruned])]) if self.monotone_pruning else self._cheapest
-        )
         self._arm_index = dict(space.arm_index_map)
         self._arm_by_id = {id(a): i for a, i in self._arm_index.items()}
         self.policy = make_policy(policy or DEFAULT_POLICY[objective], space, **dict(policy_params or {}))
@@ -179,16 +182,27 @@ class Allocator:
         self._lanes: dict[DeviceId, int] = {}
         self._pending: dict[DeviceId, tuple[int, int]] = {}  # device -> (round, arm index)
         self._round = 0
-        # Per-device scales of the loss gain and update norm (see RewardConfig), by lane.
-        self._gain_ref = np.zeros(0)
-        self._norm_ref = np.zeros(0)
-        self._floor = np.zeros(0)  # objective "deadline": each lane's pruning so far (monotone)
-        # Fleet-level time reference: this round's completion times, and an EMA over past rounds.
-        self._time_ref_ema: float | None = None
-        self._times_round = 0
-        self._times: list[float] = []
-        # objective "deadline": the deadline set for the current round (None until times are known)
-        self._deadline: float | None = None
+        # The reward's references (per-lane gain and norm scales, the fleet's time reference).
+        self.reward_tracker = RewardTracker(self.reward, space, objective=objective)
+        # The allowed arms: pruning floors, the round's deadline, the paper objective's time cap.
+        self.safety = SafeExploration(
+            space,
+            objective=objective,
+            safe_slack=None if safe_slack is None else float(safe_slack),
+            deadline_slack=float(deadline_slack),
+            explore_factor=float(explore_factor),
+            monotone_pruning=bool(monotone_pruning),
+            prune_elasticity=float(prune_elasticity),
+            target_ratio=self.reward.target_ratio,
+            time_alpha=self.reward.time_alpha,
+        )
+
+    # The safety settings live in ``safety``; read here for the state's config keys.
+    safe_slack = property(lambda self: self.safety.safe_slack)
+    deadline_slack = property(lambda self: self.safety.deadline_slack)
+    explore_factor = property(lambda self: self.safety.explore_factor)
+    monotone_pruning = property(lambda self: self.safety.monotone_pruning)
+    prune_elasticity = property(lambda self: self.safety.prune_elasticity)
 
     # --- choosing ------------------------------------------------------------------------------
     def assign(self, device_ids: Iterable[DeviceId], round: int) -> dict[DeviceId, Arm]:
@@ -207,21 +221,17 @@ class Allocator:
                     )
         # validated: from here on, state changes
         self._expire_before(round)
-        self._fold_time_ref(before_round=round)
+        self.reward_tracker.fold(before_round=round)
         self._round = round
         new = [d for d in ids if d not in self._lanes]
         if new:
             self.fleet.add_lanes(len(new))
-            self._gain_ref = np.concatenate([self._gain_ref, np.zeros(len(new))])
-            self._norm_ref = np.concatenate([self._norm_ref, np.zeros(len(new))])
-            self._floor = np.concatenate([self._floor, np.zeros(len(new))])
+            self.reward_tracker.add_lanes(len(new))
+            self.safety.add_lanes(len(new))
             for d, lane in zip(new, self.policy.add_lanes(len(new)), strict=True):
                 self._lanes[d] = int(lane)
         lanes = np.fromiter(map(self._lanes.__getitem__, ids), dtype=np.int64, count=len(ids))
-        if self.objective == "deadline":
-            allowed, self._deadline = self.deadline_arms(lanes)
-        else:
-            allowed = None if self.safe_slack is None else self.safe_arms(lanes)
+        allowed = self.safety.allowed(lanes, self.fleet, self.reward_tracker.time_ref_ema)
         arms = self.policy.select(lanes, self.rng, allowed).tolist()
         self._pending.update(zip(ids, zip(repeat(round), arms, strict=False), strict=True))
         return dict(zip(ids, map(self.space.arms.__getitem__, arms), strict=True))
@@ -276,9 +286,38 @@ class Allocator:
         ]
 
     def _observe(self, reports: Sequence[RoundReport], whole_round: bool) -> dict[DeviceId, float]:
-        n = len(reports)
-        if n == 0:
+        if not reports:
             return {}
+        r = self._validate(reports)
+        # validated: from here on, state changes
+        ok, lanes = ~r.failed, r.lanes
+        rewards, quality = self.reward_tracker.score(
+            lanes,
+            ok,
+            times=r.times,
+            loss_before=r.loss_before,
+            loss_after=r.loss_after,
+            update_norm=r.update_norm,
+            ratio=r.ratios,
+            whole_round=whole_round,
+            deadline=self.safety.deadline,
+        )
+        arm_idx = r.arm_idx
+        if self.objective == "deadline":  # learn from the arm that actually ran
+            arm_idx = np.where(ok, self._effective_arms(arm_idx, r.ratios), arm_idx)
+            self.safety.observe(lanes[ok], r.ratios[ok])
+        self.policy.update(lanes, arm_idx, rewards)
+        self.fleet.observe(lanes[ok], arm_idx[ok], r.times[ok], quality[ok])
+        if len(r.ids) == len(self._pending):  # ids are distinct and all pending: the whole round
+            self._pending.clear()
+        else:
+            for d in r.ids:
+                del self._pending[d]
+        return dict(zip(r.ids, rewards.tolist(), strict=True))
+
+    def _validate(self, reports: Sequence[RoundReport]) -> _Reports:
+        """The reports as columns, every field checked (named on error); changes nothing."""
+        n = len(reports)
         cols = dict(zip(_REPORT_FIELDS, zip(*map(_report_fields, reports), strict=True), strict=True))
         ids = _check_ids(cols["device_id"], "device_id")
         if not all(map(self._pending.__contains__, ids)):
@@ -307,158 +346,8 @@ class Allocator:
         norms = _column(cols["update_norm"], "update_norm", ids, None, lo=0.0)
         ratios = _column(cols["achieved_ratio"], "achieved_ratio", ids, None, lo=0.0, hi=1.0)
         ratios = np.where(np.isnan(ratios), self._arm_ratios[arm_idx], ratios)
-        # validated: from here on, state changes
-        gains = np.where(ok, loss_gain(before, after), 0.0)
-        decay = self.reward.reference_decay
         lanes = np.fromiter(map(self._lanes.__getitem__, ids), dtype=np.int64, count=n)
-        old_gain_ref, old_norm_ref = self._gain_ref[lanes], self._norm_ref[lanes]
-        gain_ref = np.where(ok, np.maximum(gains, decay * old_gain_ref), old_gain_ref)
-        has_norm = ok & ~np.isnan(norms)
-        norm_ref = np.where(has_norm, np.maximum(np.nan_to_num(norms), decay * old_norm_ref), old_norm_ref)
-        round_times = [*self._times, *times[ok].tolist()]
-        reward_cfg = self.reward
-        if self.objective == "deadline":
-            # Finishing by the round's deadline costs nothing; pruning counts only toward a target.
-            if self._deadline is not None:
-                time_ref = self._deadline
-            else:
-                time_ref = max(round_times) if whole_round and round_times else math.inf
-            # Finishing in time is guaranteed by the deadline, so the base share would only
-            # compress what arms buy; without a sparsity target, pruning earns nothing by itself.
-            prune_w = reward_cfg.prune_weight if reward_cfg.target_ratio else 0.0
-            if reward_cfg.loss_weight + prune_w + reward_cfg.update_weight > 0:
-                reward_cfg = replace(reward_cfg, base_weight=0.0, prune_weight=prune_w)
-        elif whole_round or self._time_ref_ema is None:
-            time_ref = float(np.quantile(round_times, self.reward.time_quantile)) if round_times else 1.0
-        else:
-            time_ref = self._time_ref_ema
-        gain_scale, norm_scale = gain_ref, norm_ref
-        if self.objective == "deadline":
-            # One fleet-wide scale: a device's own best gain moves with the arms it plays, which
-            # would blur what the arms buy; device effects are the pooled policy's job.
-            gain_scale = float(max(self._gain_ref.max(initial=0.0), gain_ref.max(initial=0.0)))
-            norm_scale = float(max(self._norm_ref.max(initial=0.0), norm_ref.max(initial=0.0)))
-        rewards, scores = combine(
-            reward_cfg,
-            gain=gains,
-            ratio=ratios,
-            target_ratio=self.reward.target_ratio or self.space.max_ratio,
-            update_norm=np.where(ok, norms, np.nan),
-            round_time_s=np.where(ok, times, 1.0),
-            gain_ref=gain_scale,
-            norm_ref=norm_scale,
-            time_ref=time_ref,
-        )
-        rewards[failed] = 0.0
-        if self.objective == "deadline":  # learn from the arm that actually ran
-            arm_idx = np.where(ok, self._effective_arms(arm_idx, ratios), arm_idx)
-            if self.monotone_pruning:
-                self._floor[lanes[ok]] = np.maximum(self._floor[lanes[ok]], ratios[ok])
-        self.policy.update(lanes, arm_idx, rewards)
-        self.fleet.observe(lanes[ok], arm_idx[ok], times[ok], scores["quality"][ok])
-        self._times = round_times
-        self._gain_ref[lanes], self._norm_ref[lanes] = gain_ref, norm_ref
-        if len(ids) == len(self._pending):  # ids are distinct and all pending: the whole round
-            self._pending.clear()
-        else:
-            for d in ids:
-                del self._pending[d]
-        return dict(zip(ids, rewards.tolist(), strict=True))
-
-    def deadline_arms(self, lanes: np.ndarray) -> tuple[np.ndarray, float | None]:
-        """Arms each lane may play under the round's deadline, and the deadline (objective
-        ``"deadline"``; None while no device's time is known).
-
-        * A device never observed gets its start arm (unpruned at the lowest rank when pruning
-          is monotone, else the cheapest arm); one round gives its speed.
-        * Times come from the fleet model. An arm nobody has run is guessed from run arms of the
-          same rank: pruning more scales the time by the kept fraction to the power
-          ``prune_elasticity`` (compute and transfer shrink with the pruned structure; ours);
-          pruning less or a rank one step higher costs ``explore_factor`` times its run
-          neighbour one grid step cheaper; a lower rank costs at most what the higher one did.
-        * The deadline is the slowest device's fastest arm (among the arms its pruning so far
-          allows), times ``1 + deadline_slack``.
-        * Each device gets the pruning ratio of the largest arm (by capacity,
-          ``fedspine.bandit.planner``) predicted to meet the deadline, as the planner would
-          choose, and the policy chooses among the ranks at that ratio that meet it. Pruning is
-          never undone, so the ratio is not explored. A device that meets the deadline on no
-          arm plays its fastest.
-        * With ``RewardConfig.target_ratio``, the fleet's mean ratio is held at the target: a
-          longer deadline if the devices would prune more, a common pruning floor if less.
-        """
-        n, n_arms = lanes.size, len(self.space)
-        allowed = np.zeros((n, n_arms), dtype=bool)
-        theta, phi = self.fleet.fit()
-        known = ~np.isnan(theta[lanes])
-        allowed[~known, self._start_arm] = True
-        guess = self._guess_arm_costs(phi)
-        if not known.any() or np.isnan(guess).all():
-            allowed[known, self._start_arm] = True
-            return allowed, None
-        lanes_k = lanes[known]
-        pred = self.fleet.predict_blended(lanes_k, prior_weight=0.25, fitted=(theta, phi))
-        # a pooled prediction for an arm the device has not run itself carries the model's error
-        unproven = self.fleet.weight[lanes_k] < 0.5
-        pred = np.where(unproven, pred * _UNPROVEN_MARGIN, pred)
-        pred = np.where(np.isnan(phi)[None, :], np.exp(theta[lanes_k, None] + guess[None, :]), pred)
-        pred = np.where(np.isnan(pred), np.inf, pred)
-        pred[self._arm_ratios[None, :] < self._floor[lanes_k, None] - 1e-9] = np.inf  # pruned already
-        fastest = pred.min(axis=1)
-        deadline = float(fastest[np.isfinite(fastest)].max(initial=0.0)) * (1.0 + self.deadline_slack)
-        if deadline <= 0.0:
-            allowed[known, self._start_arm] = True
-            return allowed, None
-        fits, ok = self._fit_deadline(pred, deadline)
-        target = self.reward.target_ratio
-        if target and self._arm_ratios[ok.argmax(axis=1)].mean() > target + 1e-9:
-            # a sparsity target below what this deadline needs: lengthen the round until it holds
-            longest = max(2.0, float(pred[np.isfinite(pred)].max() / deadline))
-            for factor in np.geomspace(1.02, longest, 40):  # the last one if none is enough
-                fits, ok = self._fit_deadline(pred, deadline * factor)
-                if self._arm_ratios[ok.argmax(axis=1)].mean() <= target + 1e-9:
-                    break
-            deadline *= float(factor)
-        elif target:
-            ok = self._sparsity_floor(fits, ok)
-        allowed[known] = ok
-        return allowed, deadline
-
-    def _fit_deadline(self, pred: np.ndarray, deadline: float) -> tuple[np.ndarray, np.ndarray]:
-        """Arms predicted to meet ``deadline`` (a device that meets it on none: its fastest), and
-        among them those at the ratio of the largest arm that fits, as the planner would choose
-        (ties: the least pruning, which is never undone)."""
-        fits = pred <= deadline * (1 + 1e-9)
-        fits[np.arange(pred.shape[0]), pred.argmin(axis=1)] |= ~fits.any(axis=1)
-        score = np.where(fits, self._capacity[None, :] - 1e-9 * self._arm_ratios[None, :], -np.inf)
-        chosen = self._arm_ratios[score.argmax(axis=1)]
-        return fits, fits & np.isclose(self._arm_ratios[None, :], chosen[:, None])
-
-    def _guess_arm_costs(self, phi: np.ndarray) -> np.ndarray:
-        """Arm costs (log-time effects) with the arms nobody has run guessed from run ones of
-        the same rank, as :meth:`deadline_arms` describes; NaN where nothing is known yet."""
-        out = phi.copy()
-        run = ~np.isnan(phi)
-        ratios, ranks = self._arm_ratios, self._arm_ranks
-        same_rank = ranks[:, None] == ranks[None, :]
-        # pruning more than a run arm: the nearest run arm of the same rank that prunes less
-        less = same_rank & (ratios[None, :] < ratios[:, None] - 1e-12) & run[None, :]
-        ref = np.where(less, ratios[None, :], -np.inf).argmax(axis=1)
-        has = less.any(axis=1) & ~run
-        kept = np.log((1 - ratios[has]) / (1 - ratios[ref[has]]))
-        out[has] = phi[ref[has]] + self.prune_elasticity * kept
-        # heavier by one grid step than a run arm
-        heavier = self._step & run[None, :]
-        bound = np.where(heavier, phi[None, :], -np.inf).max(axis=1)
-        take = np.isnan(out) & heavier.any(axis=1)
-        out[take] = bound[take] + np.log(self.explore_factor)
-        # a lower rank than a run arm at the same ratio: no slower than it
-        same_ratio_higher = (
-            np.isclose(ratios[:, None], ratios[None, :]) & (ranks[None, :] > ranks[:, None]) & run[None, :]
-        )
-        upper = np.where(same_ratio_higher, phi[None, :], np.inf).min(axis=1)
-        take = np.isnan(out) & same_ratio_higher.any(axis=1)
-        out[take] = upper[take]
-        return out
+        return _Reports(ids, lanes, arm_idx, failed, times, before, after, norms, ratios)
 
     def _effective_arms(self, arm_idx: np.ndarray, achieved: np.ndarray) -> np.ndarray:
         """The arm that ran: the assigned rank at the grid ratio nearest to the achieved one
@@ -469,61 +358,18 @@ class Allocator:
         )
         return np.where(want.any(axis=1), want.argmax(axis=1), arm_idx)
 
-    def _sparsity_floor(self, fits: np.ndarray, chosen: np.ndarray) -> np.ndarray:
-        """With a sparsity target: pin each device's ratio to ``max(floor, the ratio the deadline
-        gives it)`` with the lowest common floor whose fleet mean reaches ``target_ratio`` (ours).
-        The pace setters prune what the deadline needs, the others exactly the floor; the policy
-        picks the rank. ``chosen`` is the allowed set without a target."""
-        ratios = self._arm_ratios
-        need = np.where(chosen, ratios[None, :], np.inf).min(axis=1)
-        pinned = need
-        for floor in sorted(set(ratios.tolist())):
-            above = np.where(fits & (ratios[None, :] >= floor - 1e-12), ratios[None, :], np.inf).min(axis=1)
-            pinned = np.where(np.isfinite(above), np.maximum(above, need), need)
-            if pinned.mean() >= self.reward.target_ratio - 1e-9:
-                break
-        return fits & np.isclose(ratios[None, :], pinned[:, None])
+    # --- allowed arms (fedspine.bandit.safety) -------------------------------------------------
+    def deadline_arms(self, lanes: np.ndarray) -> tuple[np.ndarray, float | None]:
+        """Arms each lane may play under the round's deadline, and the deadline (objective
+        ``"deadline"``): :meth:`SafeExploration.deadline_arms` on this allocator's fleet model."""
+        return self.safety.deadline_arms(lanes, self.fleet)
 
     def safe_arms(self, lanes: np.ndarray) -> np.ndarray | None:
-        """Arms each lane may explore, or None when the fleet model cannot tell yet.
+        """Arms each lane may explore under the paper objective's time cap, or None when the fleet
+        model cannot tell yet: :meth:`SafeExploration.safe_arms` on this allocator's fleet model."""
+        return self.safety.safe_arms(lanes, self.fleet, self.reward_tracker.time_ref_ema)
 
-        The fleet model (``fedspine.bandit.fleet``) predicts every device's time on every arm
-        and, with the pooled quality per arm, its reward. The arm with the best predicted reward
-        gives each device a predicted time; the slowest of those, times ``1 + safe_slack``, is
-        the round's time cap. A device exploring a heavy arm would otherwise set the whole
-        round's makespan; under the cap, exploration happens where it costs nobody any waiting.
-        Arms (or devices) the model knows nothing about stay allowed, so newcomers and untried
-        arms are still explored (ours).
-        """
-        if self._time_ref_ema is None:
-            return None
-        pred = self.fleet.predict(lanes)
-        quality = self.fleet.quality()
-        predicted_reward = time_score(pred, self._time_ref_ema, self.reward.time_alpha) * quality[None, :]
-        rows = np.arange(lanes.size)
-        known = ~np.all(np.isnan(predicted_reward), axis=1)
-        if not known.any():
-            return None
-        best = np.nanargmax(predicted_reward[known], axis=1)
-        cap = float(np.max(pred[rows[known], best])) * (1.0 + float(self.safe_slack or 0.0))
-        allowed = ~(pred > cap)  # NaN (unknown) stays allowed
-        stuck = ~allowed.any(axis=1)
-        if stuck.any():
-            allowed[stuck, np.nanargmin(pred[stuck], axis=1)] = True
-        return allowed
-
-    # --- fleet statistics ---------------------------------------------------------------------
-    def _fold_time_ref(self, before_round: int) -> None:
-        """Fold the finished round's time quantile into the EMA used by a lone ``observe``."""
-        if self._times_round >= before_round:
-            return
-        if self._times:
-            value = float(np.quantile(self._times, self.reward.time_quantile))
-            lam, old = self.reward.fleet_ema, self._time_ref_ema
-            self._time_ref_ema = value if old is None else (1 - lam) * old + lam * value
-        self._times = []
-        self._times_round = before_round
-
+    # --- pending assignments ------------------------------------------------------------------
     def _expire_before(self, round: int) -> None:
         stale = [d for d, (r, _) in self._pending.items() if r < round]
         if stale:
@@ -570,19 +416,14 @@ class Allocator:
             "change_factor": self.change_factor,
             "monotone_pruning": self.monotone_pruning,
             "prune_elasticity": self.prune_elasticity,
-            "deadline": self._deadline,
-            "floor": self._floor.tolist(),
+            **self.safety.state_dict(),  # deadline, floor
             "rng": self.rng.bit_generator.state,
             "fleet": self.fleet.state_dict(),
             "policy": self.policy.state_dict(),
             "lanes": [[d, lane] for d, lane in self._lanes.items()],
             "pending": [[d, r, a] for d, (r, a) in self._pending.items()],
             "round": self._round,
-            "gain_ref": self._gain_ref.tolist(),
-            "norm_ref": self._norm_ref.tolist(),
-            "time_ref_ema": self._time_ref_ema,
-            "times_round": self._times_round,
-            "times": list(self._times),
+            **self.reward_tracker.state_dict(),  # gain_ref, norm_ref, time_ref_ema, times_round, times
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -605,14 +446,8 @@ class Allocator:
         self._lanes = {_json_id(d): int(lane) for d, lane in state["lanes"]}
         self._pending = {_json_id(d): (int(r), int(a)) for d, r, a in state["pending"]}
         self._round = int(state["round"])
-        self._gain_ref = np.asarray(state["gain_ref"], dtype=np.float64)
-        self._norm_ref = np.asarray(state["norm_ref"], dtype=np.float64)
-        ema = state["time_ref_ema"]
-        self._time_ref_ema = None if ema is None else float(ema)
-        self._times_round = int(state["times_round"])
-        self._times = [float(x) for x in state["times"]]
-        self._deadline = None if state["deadline"] is None else float(state["deadline"])
-        self._floor = np.asarray(state["floor"], dtype=np.float64)
+        self.reward_tracker.load_state_dict(state)
+        self.safety.load_state_dict(state)
 
     @classmethod
     def from_state_dict(cls, state: Mapping[str, Any]) -> Allocator:

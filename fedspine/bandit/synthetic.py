@@ -7,6 +7,7 @@ of real hardware (``fedspine.fl.devices`` will hold that).
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -23,6 +24,17 @@ PAPER_TIERS: tuple[tuple[str, float, float, float], ...] = (
     ("nx", 40 / 80, 2.0, 2.0),
     ("agx", 10 / 80, 5.0, 4.0),
 )
+
+
+def paper_mix_counts(n: int = 80) -> tuple[int, int, int]:
+    """Devices per tier of ``PAPER_TIERS`` (TX2 / NX / AGX) when ``n`` devices are split 30:40:10:
+    each share rounded, the rounding remainder to NX. The one definition of the mix: the device
+    fleet of ``fedspine.fl.devices`` uses it too."""
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+        raise ValueError(f"n must be a positive integer, got {n!r}")
+    counts = [round(share * int(n)) for _, share, _, _ in PAPER_TIERS]
+    counts[1] += int(n) - sum(counts)
+    return counts[0], counts[1], counts[2]
 
 
 @dataclass(frozen=True)
@@ -48,8 +60,7 @@ class SyntheticFleet:
     def paper_mix(cls, n_devices: int = 80, seed: int = 0, **kw: float) -> SyntheticFleet:
         """``n_devices`` split 30:40:10 into slow/medium/fast tiers, +-15% spread within a tier."""
         rng = np.random.default_rng(seed)
-        counts = [round(share * n_devices) for _, share, _, _ in PAPER_TIERS]
-        counts[1] += n_devices - sum(counts)
+        counts = paper_mix_counts(n_devices)
         speeds, bws, tiers = [], [], []
         for (name, _, speed, bw), k in zip(PAPER_TIERS, counts, strict=True):
             speeds += list(speed * rng.uniform(0.85, 1.15, k))

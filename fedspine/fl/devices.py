@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from fedspine.bandit.synthetic import PAPER_TIERS
+from fedspine.bandit.synthetic import PAPER_TIERS, paper_mix_counts  # the one definition of the mix
 
 GIB = 2**30
 
@@ -225,17 +225,6 @@ def fleet(spec: FleetSpec, rng: np.random.Generator) -> list[DeviceProfile]:
             for c, u, d in zip(compute, up, down, strict=True)
         ]
     return out
-
-
-def paper_mix_counts(n: int = 80) -> tuple[int, int, int]:
-    """The 30:40:10 TX2 / NX / AGX mix scaled to ``n`` devices (the rounding remainder goes to NX,
-    as in ``fedspine.bandit.synthetic``)."""
-    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
-        raise ValueError(f"n must be a positive integer, got {n!r}")
-    total = sum(k for _, k in PAPER_MIX)
-    counts = [round(k * int(n) / total) for _, k in PAPER_MIX]
-    counts[1] += int(n) - sum(counts)
-    return counts[0], counts[1], counts[2]
 
 
 def paper_fleet(

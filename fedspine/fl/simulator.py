@@ -34,12 +34,11 @@ from fedspine.fl.messages import Failure, TrainRes
 from fedspine.fl.runners import DeviceRunner, InProcessRunner, Reply
 from fedspine.fl.server import Server
 from fedspine.fl.strategies import StrategyContext, make_strategy
-from fedspine.fl.time_model import fits, round_time, round_work_for_map, round_work_for_ratio
+from fedspine.fl.time_model import Workload, fits, round_time, round_work_for_map, round_work_for_ratio
 from fedspine.fl.world import World
 from fedspine.logging import RunLogger
 from fedspine.lora import adapter_shapes, attach, extract, load
 from fedspine.lora.coords import split_key
-from fedspine.models import evaluate
 from fedspine.pruning.index_map import KeptIndexMap
 from fedspine.seeds import Seeds
 
@@ -97,7 +96,7 @@ class Simulation:
         self.clock_s = 0.0
         self.round = 0
         # The time model counts the vocabulary-sized output layer only for a causal LM.
-        self.lm_head = world.task == "causal-lm"
+        self.lm_head = world.task.lm_head
         self.last_metrics: dict[str, float] = {}  # the latest evaluate_global's full metrics
 
     # --- one round -----------------------------------------------------------------------------
@@ -112,7 +111,7 @@ class Simulation:
 
     def work(self, kept: KeptIndexMap | None, ratio: float, rank: int):
         t, m = self.cfg.train, self.cfg.model
-        kw = dict(
+        load = Workload(
             lora_rank=rank,
             steps=t.local_steps,
             batch=t.batch_size,
@@ -122,8 +121,8 @@ class Simulation:
             lm_head=self.lm_head,
         )
         if kept is not None:
-            return round_work_for_map(kept, **kw)
-        return round_work_for_ratio(self.world.shape, ratio, round_to=t.round_to, **kw)
+            return round_work_for_map(kept, load)
+        return round_work_for_ratio(self.world.shape, ratio, load, round_to=t.round_to)
 
     def run_round(self) -> dict[str, Any]:
         """One round; the client steps run wherever the runner sends them."""
@@ -246,7 +245,7 @@ class Simulation:
         model = self._with_adapter(
             copy.deepcopy(self.world.model0), self.server.r_max, self.server.full_model_adapter()
         )
-        self.last_metrics = evaluate(model, self.world.data.test, self.world.task)
+        self.last_metrics = self.world.task.evaluate(model, self.world.data.test)
         return self.last_metrics["accuracy"]
 
     def evaluate_device(self, device: str, pruned: nn.Module) -> float:
@@ -254,7 +253,7 @@ class Simulation:
         rank = self.server.r_max
         dist = self.server.rule.distribute(self.server.state, self.server.slices(device), rank)
         model = self._with_adapter(copy.deepcopy(pruned), rank, dist)
-        return evaluate(model, self.world.data.test, self.world.task)["accuracy"]
+        return self.world.task.evaluate(model, self.world.data.test)["accuracy"]
 
 
 def default_runner(cfg: RunConfig, world: World) -> DeviceRunner:

@@ -21,7 +21,7 @@ the base weights are frozen here, so they need only the activation gradients: **
 
 Norms, softmax, activations functions and the optimizer step are elementwise and left out (a few
 percent at these widths). The LM head (``vocab_size x d``, tied to the embedding) is counted for
-every token; pass ``lm_head=False`` for a classification head (negligible FLOPs; the embedding
+every token; ``Workload(lm_head=False)`` for a classification head (negligible FLOPs; the embedding
 table still counts in memory).
 
 **Payload**: the device uploads A (``r x d_in``) and B (``d_out x r``) of every adapted module in
@@ -159,6 +159,41 @@ def _mlp(mlp_matrices: Any) -> int:
 
 
 @dataclass(frozen=True)
+class Workload:
+    """What one round's work depends on besides the kept widths: the adapter (``lora_rank``,
+    ``lora_modules``), the local training (``steps`` of ``batch x seq_len`` tokens), the model
+    (``vocab_size``, ``mlp_matrices``: 2 BERT, 3 LLaMA; ``lm_head``: a vocabulary-sized output
+    layer, False for a classification head) and the byte widths on the wire and in memory.
+
+    Validated once, here (an error names the field); integers are stored as plain ``int``.
+    ``steps`` counts in the FLOPs only (memory is one step's peak); ``vocab_size`` may be 0.
+    """
+
+    lora_rank: int
+    steps: int
+    batch: int
+    seq_len: int
+    vocab_size: int
+    mlp_matrices: int
+    lm_head: bool = True
+    lora_modules: tuple[str, ...] = ROLES
+    adapter_dtype_bytes: int = 4
+    index_dtype_bytes: int = 4
+    weight_dtype_bytes: int = 4
+    act_dtype_bytes: int = 4
+
+    def __post_init__(self) -> None:
+        ints = ("lora_rank", "steps", "batch", "seq_len", "vocab_size")
+        ints += ("adapter_dtype_bytes", "index_dtype_bytes", "weight_dtype_bytes", "act_dtype_bytes")
+        for name in ints:
+            value = _pos_int(name, getattr(self, name), allow_zero=name == "vocab_size")
+            object.__setattr__(self, name, value)
+        object.__setattr__(self, "mlp_matrices", _mlp(self.mlp_matrices))
+        object.__setattr__(self, "lora_modules", _modules(self.lora_modules))
+        _flag("lm_head", self.lm_head)
+
+
+@dataclass(frozen=True)
 class _Widths:
     """Per-layer kept widths as int64 arrays."""
 
@@ -213,7 +248,7 @@ def _widths(
 # --- counts --------------------------------------------------------------------------------------
 def layer_counts(kept_map: KeptIndexMap) -> dict[str, np.ndarray]:
     """Per-layer kept heads / KV heads / channels of a map, as keyword arguments for this module's
-    functions: ``train_flops(km.shape, **layer_counts(km), ...)``."""
+    functions: ``train_flops(km.shape, workload, **layer_counts(km))``."""
     return {
         "kept_heads": np.array([len(lk.heads) for lk in kept_map.layers], dtype=np.int64),
         "kept_kv_heads": np.array([len(lk.kv_heads) for lk in kept_map.layers], dtype=np.int64),
@@ -239,82 +274,44 @@ def kept_counts(shape: ArchShape, ratio: float, *, mlp_matrices: int, round_to: 
 
 
 def train_flops(
-    shape: ArchShape,
-    *,
-    kept_heads: Counts,
-    kept_kv_heads: Counts,
-    kept_channels: Counts,
-    lora_rank: int,
-    lora_modules: Iterable[str] = ROLES,
-    steps: int,
-    batch: int,
-    seq_len: int,
-    vocab_size: int,
-    mlp_matrices: int,
-    lm_head: bool = True,
+    shape: ArchShape, workload: Workload, *, kept_heads: Counts, kept_kv_heads: Counts, kept_channels: Counts
 ) -> float:
-    """Forward + backward FLOPs of ``steps`` LoRA training steps on the pruned model (see the module
-    docstring: 4 P per token for frozen weights, 12 h hd seq for attention, 6 r (d_in + d_out) per
-    adapted Linear)."""
-    w = _widths(shape, kept_heads, kept_kv_heads, kept_channels, mlp_matrices)
-    r = _pos_int("lora_rank", lora_rank)
-    mods = _modules(lora_modules)
-    tokens = _pos_int("steps", steps) * _pos_int("batch", batch) * _pos_int("seq_len", seq_len)
-    vocab = _pos_int("vocab_size", vocab_size, allow_zero=True)
+    """Forward + backward FLOPs of ``workload.steps`` LoRA training steps on the pruned model (see
+    the module docstring: 4 P per token for frozen weights, 12 h hd seq for attention,
+    6 r (d_in + d_out) per adapted Linear)."""
+    w = _widths(shape, kept_heads, kept_kv_heads, kept_channels, workload.mlp_matrices)
+    r, seq = workload.lora_rank, workload.seq_len
+    tokens = workload.steps * workload.batch * seq
     per_token = (
-        4 * (int(w.base_params().sum()) + (w.d * vocab if _flag("lm_head", lm_head) else 0))
-        + 12 * int(w.h.sum()) * w.hd * int(seq_len)
-        + 6 * r * int(w.lora_widths(mods).sum())
+        4 * (int(w.base_params().sum()) + (w.d * workload.vocab_size if workload.lm_head else 0))
+        + 12 * int(w.h.sum()) * w.hd * seq
+        + 6 * r * int(w.lora_widths(workload.lora_modules).sum())
     )
     return float(tokens * per_token)
 
 
 def payload_bytes(
-    shape: ArchShape,
-    *,
-    kept_heads: Counts,
-    kept_kv_heads: Counts,
-    kept_channels: Counts,
-    lora_rank: int,
-    lora_modules: Iterable[str] = ROLES,
-    mlp_matrices: int,
-    adapter_dtype_bytes: int = 4,
-    index_dtype_bytes: int = 4,
+    shape: ArchShape, workload: Workload, *, kept_heads: Counts, kept_kv_heads: Counts, kept_channels: Counts
 ) -> Payload:
     """Adapter bytes at the device's rank and kept widths, each way; the kept-index map (one
     ``index_dtype_bytes`` integer per kept head, KV head and channel, every layer) goes up only."""
-    w = _widths(shape, kept_heads, kept_kv_heads, kept_channels, mlp_matrices)
-    r = _pos_int("lora_rank", lora_rank)
-    mods = _modules(lora_modules)
-    adapter = r * int(w.lora_widths(mods).sum()) * _pos_int("adapter_dtype_bytes", adapter_dtype_bytes)
-    index = int((w.h + w.kv + w.c).sum()) * _pos_int("index_dtype_bytes", index_dtype_bytes)
+    w = _widths(shape, kept_heads, kept_kv_heads, kept_channels, workload.mlp_matrices)
+    widths = int(w.lora_widths(workload.lora_modules).sum())
+    adapter = workload.lora_rank * widths * workload.adapter_dtype_bytes
+    index = int((w.h + w.kv + w.c).sum()) * workload.index_dtype_bytes
     return Payload(up_bytes=adapter + index, down_bytes=adapter)
 
 
 def memory_bytes(
-    shape: ArchShape,
-    *,
-    kept_heads: Counts,
-    kept_kv_heads: Counts,
-    kept_channels: Counts,
-    lora_rank: int,
-    lora_modules: Iterable[str] = ROLES,
-    batch: int,
-    seq_len: int,
-    vocab_size: int,
-    mlp_matrices: int,
-    lm_head: bool = True,
-    weight_dtype_bytes: int = 4,
-    act_dtype_bytes: int = 4,
+    shape: ArchShape, workload: Workload, *, kept_heads: Counts, kept_kv_heads: Counts, kept_channels: Counts
 ) -> int:
-    """Peak training memory of one step: weights + LoRA state (x4: params, grads, AdamW m and v,
-    fp32) + activations + logits (see the module docstring for the activation factor)."""
-    w = _widths(shape, kept_heads, kept_kv_heads, kept_channels, mlp_matrices)
-    r = _pos_int("lora_rank", lora_rank)
-    mods = _modules(lora_modules)
-    b, s = _pos_int("batch", batch), _pos_int("seq_len", seq_len)
-    vocab = _pos_int("vocab_size", vocab_size, allow_zero=True)
-    weights = (int(w.base_params().sum()) + vocab * w.d) * _pos_int("weight_dtype_bytes", weight_dtype_bytes)
+    """Peak training memory of one step (``workload.steps`` does not count): weights + LoRA state
+    (x4: params, grads, AdamW m and v, fp32) + activations + logits (see the module docstring for
+    the activation factor)."""
+    w = _widths(shape, kept_heads, kept_kv_heads, kept_channels, workload.mlp_matrices)
+    r, mods, vocab = workload.lora_rank, workload.lora_modules, workload.vocab_size
+    b, s = workload.batch, workload.seq_len
+    weights = (int(w.base_params().sum()) + vocab * w.d) * workload.weight_dtype_bytes
     lora = 4 * r * int(w.lora_widths(mods).sum()) * 4
     act_per_token = (
         4 * w.d * shape.num_layers
@@ -323,73 +320,33 @@ def memory_bytes(
         + 2 * (w.mlp - 1) * int(w.c.sum())
         + r * w.lora_count(mods) * shape.num_layers
     )
-    acts = b * s * act_per_token * _pos_int("act_dtype_bytes", act_dtype_bytes)
-    logits = 2 * b * s * vocab * 4 if _flag("lm_head", lm_head) else 0
+    acts = b * s * act_per_token * workload.act_dtype_bytes
+    logits = 2 * b * s * vocab * 4 if workload.lm_head else 0
     return weights + lora + acts + logits
 
 
 def round_work(
-    shape: ArchShape,
-    *,
-    kept_heads: Counts,
-    kept_kv_heads: Counts,
-    kept_channels: Counts,
-    lora_rank: int,
-    lora_modules: Iterable[str] = ROLES,
-    steps: int,
-    batch: int,
-    seq_len: int,
-    vocab_size: int,
-    mlp_matrices: int,
-    lm_head: bool = True,
-    adapter_dtype_bytes: int = 4,
-    index_dtype_bytes: int = 4,
-    weight_dtype_bytes: int = 4,
-    act_dtype_bytes: int = 4,
+    shape: ArchShape, workload: Workload, *, kept_heads: Counts, kept_kv_heads: Counts, kept_channels: Counts
 ) -> RoundWork:
     """FLOPs, payload and memory of one round, in one record for ``round_time``."""
     kept = {"kept_heads": kept_heads, "kept_kv_heads": kept_kv_heads, "kept_channels": kept_channels}
-    common = dict(lora_rank=lora_rank, lora_modules=tuple(lora_modules), mlp_matrices=mlp_matrices)
-    flops = train_flops(
-        shape,
-        **kept,
-        **common,
-        steps=steps,
-        batch=batch,
-        seq_len=seq_len,
-        vocab_size=vocab_size,
-        lm_head=lm_head,
-    )
-    pay = payload_bytes(
-        shape,
-        **kept,
-        **common,
-        adapter_dtype_bytes=adapter_dtype_bytes,
-        index_dtype_bytes=index_dtype_bytes,
-    )
-    mem = memory_bytes(
-        shape,
-        **kept,
-        **common,
-        batch=batch,
-        seq_len=seq_len,
-        vocab_size=vocab_size,
-        lm_head=lm_head,
-        weight_dtype_bytes=weight_dtype_bytes,
-        act_dtype_bytes=act_dtype_bytes,
-    )
+    flops = train_flops(shape, workload, **kept)
+    pay = payload_bytes(shape, workload, **kept)
+    mem = memory_bytes(shape, workload, **kept)
     return RoundWork(flops=flops, up_bytes=pay.up_bytes, down_bytes=pay.down_bytes, memory_bytes=mem)
 
 
-def round_work_for_map(kept_map: KeptIndexMap, **kwargs: Any) -> RoundWork:
+def round_work_for_map(kept_map: KeptIndexMap, workload: Workload) -> RoundWork:
     """``round_work`` for the model a ``KeptIndexMap`` describes (per-layer kept counts)."""
-    return round_work(kept_map.shape, **layer_counts(kept_map), **kwargs)
+    return round_work(kept_map.shape, workload, **layer_counts(kept_map))
 
 
-def round_work_for_ratio(shape: ArchShape, ratio: float, *, round_to: int = 8, **kwargs: Any) -> RoundWork:
+def round_work_for_ratio(
+    shape: ArchShape, ratio: float, workload: Workload, *, round_to: int = 8
+) -> RoundWork:
     """``round_work`` for an unpruned model pruned to ``ratio`` (see ``kept_counts``)."""
-    counts = kept_counts(shape, ratio, mlp_matrices=kwargs.get("mlp_matrices"), round_to=round_to)
-    return round_work(shape, **counts, **kwargs)
+    counts = kept_counts(shape, ratio, mlp_matrices=workload.mlp_matrices, round_to=round_to)
+    return round_work(shape, workload, **counts)
 
 
 # --- time ----------------------------------------------------------------------------------------

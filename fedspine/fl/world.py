@@ -24,16 +24,11 @@ from fedspine.data.partition import partition, partition_stats
 from fedspine.data.tokenize import batches
 from fedspine.fl.client import LocalData, LocalState
 from fedspine.fl.devices import DeviceProfile, paper_fleet, scaled_link, tiers
-from fedspine.models import TaskData, build_data, build_model
+from fedspine.models import Task, TaskData, build_data, build_model, get_task
 from fedspine.pruning.arch import Family, arch_shape, family_of
 from fedspine.pruning.index_map import ArchShape, KeptIndexMap
 from fedspine.pruning.structured import prune_model
 from fedspine.seeds import Seeds
-
-PROBE_SIZE = 32  # examples in a device's fixed probe batch (loss before/after, for the reward)
-# Causal LM (ours): the probe runs twice a round and every token costs a vocabulary-sized output
-# (49k for SmolLM2), so it is smaller; answer tokens per example are many, so 8 still average well.
-LM_PROBE_SIZE = 8
 
 
 @dataclass(frozen=True)
@@ -50,14 +45,15 @@ class World:
     partition_stats: Any
 
     @property
-    def task(self) -> str:
-        return self.cfg.model.task
+    def task(self) -> Task:
+        """The run's task (``fedspine.models.TASKS``): what differs between classification and causal LM."""
+        return get_task(self.cfg.model.task)
 
     @classmethod
     def build(cls, cfg: RunConfig) -> World:
         seeds = Seeds(cfg.seed)  # one named stream per consumer (fedspine.seeds)
         partition_stream = seeds.sequence("partition")
-        task = cfg.model.task
+        task = get_task(cfg.model.task)
         model0, tokenizer = build_model(cfg.model.name, 2, seed=seeds.integer("model"), task=task)
         data: TaskData = build_data(
             cfg.data.source,
@@ -68,8 +64,8 @@ class World:
             seed=seeds.integer("data"),
             task=task,
         )
-        if task == "classification" and data.num_labels != 2:
-            model0, _ = build_model(cfg.model.name, data.num_labels, seed=seeds.integer("model"))
+        if task.class_labels and data.num_labels != 2:  # the head is sized by the data's labels
+            model0, _ = build_model(cfg.model.name, data.num_labels, seed=seeds.integer("model"), task=task)
         if cfg.data.max_test:
             data.test = {k: v[: cfg.data.max_test] for k, v in data.test.items()}
         device_ids = [f"d{i:03d}" for i in range(cfg.fleet.devices)]
@@ -111,10 +107,10 @@ class World:
             while True:
                 yield from batches(train, idx, bs, gen, trim_padding=True)
 
-        if self.task == "causal-lm":  # token labels: no label prior (the logit-adjusted loss is refused)
-            probe_idx, counts = torch.as_tensor(idx[:LM_PROBE_SIZE]), None
-        else:
-            probe_idx = torch.as_tensor(idx[:PROBE_SIZE])
+        task = self.task
+        probe_idx = torch.as_tensor(idx[: task.probe_size])
+        counts = None  # token labels (causal LM): no label prior (the logit-adjusted loss is refused)
+        if task.class_labels:
             counts = np.bincount(
                 train["labels"][torch.as_tensor(idx)].numpy(), minlength=self.data.num_labels
             )
@@ -146,4 +142,4 @@ def rebuild_local_state(
     return LocalState(model, kept, applied)
 
 
-__all__ = ["LM_PROBE_SIZE", "PROBE_SIZE", "World", "rebuild_local_state"]
+__all__ = ["World", "rebuild_local_state"]

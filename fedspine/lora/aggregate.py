@@ -50,8 +50,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, ClassVar, NamedTuple, Protocol
 
 import numpy as np
@@ -258,19 +259,13 @@ def _adapter(global_state: Mapping[str, np.ndarray], slices: Mapping[str, SliceL
     return project(view, slices, rank=rank)
 
 
-# --- factorised rules: zero-pad, HetLoRA, ours ----------------------------------------------------
 @dataclass(frozen=True)
-class _Factorised:
-    """Average A and B separately after padding to r_max; subclasses choose the weights/masks."""
+class _Rule:
+    """What every rule shares: the round-0 state, the scaffolding of ``aggregate`` (checks, a copy
+    of the state, the heads) and HetLoRA-style distribution; subclasses fill in ``_init`` and
+    ``_aggregate_modules``."""
 
     name: ClassVar[str] = ""
-    rank_aware: ClassVar[bool] = False  # False: padded zeros count in the mean (zero-padding)
-
-    def _module_weights(
-        self, updates: Sequence[DeviceUpdate], global_shapes: Shapes
-    ) -> list[dict[str, float]]:
-        """Per device, per module path, the rule's weight (multiplies n_k). Default: 1."""
-        return [dict.fromkeys(_lora_paths(u.tensors), 1.0) for u in updates]
 
     def init_state(
         self,
@@ -280,8 +275,9 @@ class _Factorised:
         rng: np.random.Generator | int = 0,
         heads: Mapping[str, np.ndarray] | None = None,
     ) -> State:
-        """Round-0 state: A ~ U(±1/√d_in) (peft's init), B = 0, so B·A = 0; ``heads`` copied."""
-        return _with_heads(_init_factors(global_shapes, r_max, rng), heads)
+        """Round-0 state: A ~ U(±1/√d_in) (peft's init), B = 0, so B·A = 0; a full-size rule's own
+        matrix ``p.<leaf>`` is 0; ``heads`` copied."""
+        return _with_heads(self._init(global_shapes, r_max, rng), heads)
 
     def aggregate(
         self,
@@ -292,6 +288,46 @@ class _Factorised:
         r_max: int,
     ) -> State:
         _check_updates(updates, r_max)
+        out = _copy_state(global_state)
+        self._aggregate_modules(out, global_state, updates, global_shapes, r_max)
+        _aggregate_heads(out, global_state, updates)
+        return out
+
+    def distribute(
+        self, global_state: Mapping[str, np.ndarray], slices: Mapping[str, SliceLike], rank: int
+    ) -> Distribution:
+        """Truncate to the device's rank (first ``rank`` components), slice to its kept rows/cols."""
+        return Distribution(_adapter(global_state, slices, rank), None)
+
+    def _init(self, global_shapes: Shapes, r_max: int, rng: np.random.Generator | int) -> State:
+        return _init_factors(global_shapes, r_max, rng)
+
+    def _aggregate_modules(
+        self,
+        out: State,
+        global_state: Mapping[str, np.ndarray],
+        updates: Sequence[DeviceUpdate],
+        global_shapes: Shapes,
+        r_max: int,
+    ) -> None:
+        """Write the LoRA modules' new global tensors into ``out`` (a copy of ``global_state``)."""
+        raise NotImplementedError
+
+
+# --- factorised rules: zero-pad, HetLoRA, ours ----------------------------------------------------
+@dataclass(frozen=True)
+class _Factorised(_Rule):
+    """Average A and B separately after padding to r_max; subclasses choose the weights/masks."""
+
+    rank_aware: ClassVar[bool] = False  # False: padded zeros count in the mean (zero-padding)
+
+    def _module_weights(
+        self, updates: Sequence[DeviceUpdate], global_shapes: Shapes
+    ) -> list[dict[str, float]]:
+        """Per device, per module path, the rule's weight (multiplies n_k). Default: 1."""
+        return [dict.fromkeys(_lora_paths(u.tensors), 1.0) for u in updates]
+
+    def _aggregate_modules(self, out, global_state, updates, global_shapes, r_max) -> None:  # see _Rule
         module_weights = self._module_weights(updates, global_shapes)
         acc = _Mean()
         for u, weights in zip(updates, module_weights, strict=True):
@@ -304,20 +340,11 @@ class _Factorised:
                 for kind in (LORA_A, LORA_B):
                     key = f"{path}.{kind}"
                     acc.add(key, padded[key], masks[key], float(u.num_samples) * w)
-        out = _copy_state(global_state)
         for key in acc.num:
             path, kind = split_key(key)
             d_out, d_in = (int(d) for d in global_shapes[path])
             want = (r_max, d_in) if kind == LORA_A else (d_out, r_max)
             out[key] = acc.result(key, _check_shape(global_state, key, want))
-        _aggregate_heads(out, global_state, updates)
-        return out
-
-    def distribute(
-        self, global_state: Mapping[str, np.ndarray], slices: Mapping[str, SliceLike], rank: int
-    ) -> Distribution:
-        """Truncate to the device's rank (first ``rank`` components), slice to its kept rows/cols."""
-        return Distribution(_adapter(global_state, slices, rank), None)
 
 
 def _broadcast_masks(masks: Mapping[str, np.ndarray], r_max: int) -> dict[str, np.ndarray]:
@@ -441,20 +468,6 @@ class FedSpineRule(_Factorised):
 
 
 # --- full-size rules: FlexLoRA, FLoRA -------------------------------------------------------------
-def _init_full_size(
-    global_shapes: Shapes,
-    r_max: int,
-    rng: np.random.Generator | int,
-    heads: Mapping[str, np.ndarray] | None,
-    leaf: str,
-) -> State:
-    """Factors A ~ U(±1/√d_in), B = 0, a zero full-size matrix ``p.<leaf>`` per module, heads."""
-    state = _init_factors(global_shapes, r_max, rng)
-    for path in sorted(global_shapes):
-        state[f"{path}.{leaf}"] = np.zeros(tuple(int(d) for d in global_shapes[path]), dtype=np.float32)
-    return _with_heads(state, heads)
-
-
 def _full_size_state(
     global_state: Mapping[str, np.ndarray], path: str, global_shapes: Shapes, r_max: int, leaf: str
 ) -> tuple[np.ndarray | None, np.ndarray | None]:
@@ -485,7 +498,47 @@ def _round_product(
 
 
 @dataclass(frozen=True)
-class FlexLoRARule:
+class _FullSize(_Rule):
+    """Aggregate the full-size product per module into ``p.<leaf>``; subclasses choose the device
+    weights and what the round's product becomes (``_fold``)."""
+
+    leaf: ClassVar[str] = ""
+
+    def _init(self, global_shapes: Shapes, r_max: int, rng: np.random.Generator | int) -> State:
+        state = _init_factors(global_shapes, r_max, rng)
+        for path in sorted(global_shapes):
+            state[f"{path}.{self.leaf}"] = np.zeros(
+                tuple(int(d) for d in global_shapes[path]), dtype=np.float32
+            )
+        return state
+
+    def _aggregate_modules(self, out, global_state, updates, global_shapes, r_max) -> None:  # see _Rule
+        weights = self._weights(updates)
+        for path in _update_paths(updates, global_shapes):
+            prev_a, full = _full_size_state(global_state, path, global_shapes, r_max, self.leaf)
+            product = partial(_round_product, updates, path, global_shapes, weights)
+            self._fold(out, path, prev_a, full, product, r_max)
+
+    def _weights(self, updates: Sequence[DeviceUpdate]) -> list[float]:
+        raise NotImplementedError
+
+    def _fold(
+        self,
+        out: State,
+        path: str,
+        prev_a: np.ndarray | None,
+        full: np.ndarray | None,
+        product: Callable[[np.ndarray | None], np.ndarray],
+        r_max: int,
+    ) -> None:
+        """Write module ``path``'s new tensors into ``out``, from the previous global A and
+        ``p.<leaf>`` (None if absent) and ``product(previous)``: the round's count-normalised
+        product (float64), ``previous`` where no device held an element."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class FlexLoRARule(_FullSize):
     """FlexLoRA (Bai et al., NeurIPS 2024, arXiv 2402.11505; alibaba/FederatedScope@FlexLoRA).
 
     Aggregate the full-size update, count-normalised **per (row, col) element** because with
@@ -508,41 +561,20 @@ class FlexLoRARule:
     """
 
     name: ClassVar[str] = "flexlora"
+    leaf: ClassVar[str] = DELTA  # ΔW = 0 at init, with peft's factors (an SVD of 0 would give A = I rows)
     split: str = "b"
 
     def __post_init__(self) -> None:
         if self.split not in ("b", "sqrt"):
             raise ValueError(f"split must be 'b' or 'sqrt', got {self.split!r}")
 
-    def init_state(
-        self,
-        global_shapes: Shapes,
-        r_max: int,
-        *,
-        rng: np.random.Generator | int = 0,
-        heads: Mapping[str, np.ndarray] | None = None,
-    ) -> State:
-        """ΔW = 0 with factors A ~ U(±1/√d_in), B = 0 (peft's init; an SVD of 0 would give A = I rows)."""
-        return _init_full_size(global_shapes, r_max, rng, heads, DELTA)
+    def _weights(self, updates: Sequence[DeviceUpdate]) -> list[float]:
+        return [float(u.num_samples) for u in updates]
 
-    def aggregate(
-        self,
-        global_state: Mapping[str, np.ndarray],
-        updates: Sequence[DeviceUpdate],
-        *,
-        global_shapes: Shapes,
-        r_max: int,
-    ) -> State:
-        _check_updates(updates, r_max)
-        weights = [float(u.num_samples) for u in updates]
-        out = _copy_state(global_state)
-        for path in _update_paths(updates, global_shapes):
-            _, previous = _full_size_state(global_state, path, global_shapes, r_max, DELTA)
-            delta = _round_product(updates, path, global_shapes, weights, previous)
-            out[f"{path}.{DELTA}"] = delta.astype(np.float32)
-            out[f"{path}.{LORA_B}"], out[f"{path}.{LORA_A}"] = self._factors(delta, r_max)
-        _aggregate_heads(out, global_state, updates)
-        return out
+    def _fold(self, out, path, prev_a, full, product, r_max) -> None:  # the arguments: see _FullSize
+        delta = product(full)  # elements no device held keep their previous value
+        out[f"{path}.{DELTA}"] = delta.astype(np.float32)
+        out[f"{path}.{LORA_B}"], out[f"{path}.{LORA_A}"] = self._factors(delta, r_max)
 
     def _factors(self, delta: np.ndarray, r_max: int) -> tuple[np.ndarray, np.ndarray]:
         u, s, vt = _top_svd(delta.astype(np.float64), r_max)
@@ -554,15 +586,9 @@ class FlexLoRARule:
         a[:k] = right[:, None] * vt
         return b.astype(np.float32), a.astype(np.float32)
 
-    def distribute(
-        self, global_state: Mapping[str, np.ndarray], slices: Mapping[str, SliceLike], rank: int
-    ) -> Distribution:
-        """The rank-``rank`` truncated SVD of ΔW, sliced to the device's kept rows / columns."""
-        return Distribution(_adapter(global_state, slices, rank), None)
-
 
 @dataclass(frozen=True)
-class FLoRARule:
+class FLoRARule(_FullSize):
     """FLoRA (Wang et al., NeurIPS 2024, arXiv 2409.05976): stacking, then fold into the base.
 
     With p_k = n_k / Σ_j n_j, stacking A = [p_1 A_1; …; p_K A_K] and B = [B_1, …, B_K] (see
@@ -590,6 +616,7 @@ class FLoRARule:
     """
 
     name: ClassVar[str] = "flora"
+    leaf: ClassVar[str] = MERGED  # merged = 0 at init
     scaling: float = 2.0
     rng: np.random.Generator | None = None
 
@@ -599,44 +626,22 @@ class FLoRARule:
         if self.rng is not None and not isinstance(self.rng, np.random.Generator):
             raise ValueError(f"rng must be a numpy.random.Generator or None, got {type(self.rng).__name__}")
 
-    def init_state(
-        self,
-        global_shapes: Shapes,
-        r_max: int,
-        *,
-        rng: np.random.Generator | int = 0,
-        heads: Mapping[str, np.ndarray] | None = None,
-    ) -> State:
-        """merged = 0, A ~ U(±1/√d_in), B = 0; ``heads`` copied."""
-        return _init_full_size(global_shapes, r_max, rng, heads, MERGED)
-
-    def aggregate(
-        self,
-        global_state: Mapping[str, np.ndarray],
-        updates: Sequence[DeviceUpdate],
-        *,
-        global_shapes: Shapes,
-        r_max: int,
-    ) -> State:
-        _check_updates(updates, r_max)
+    def _weights(self, updates: Sequence[DeviceUpdate]) -> list[float]:
         total = float(sum(u.num_samples for u in updates))
-        weights = [u.num_samples / total for u in updates]
-        out = _copy_state(global_state)
-        for path in _update_paths(updates, global_shapes):
-            d_out, d_in = (int(d) for d in global_shapes[path])
-            a_key, b_key, m_key = (f"{path}.{k}" for k in (LORA_A, LORA_B, MERGED))
-            prev_a, merged = _full_size_state(global_state, path, global_shapes, r_max, MERGED)
-            delta = _round_product(updates, path, global_shapes, weights, None)
-            base = np.zeros((d_out, d_in)) if merged is None else merged.astype(np.float64)
-            out[m_key] = (base + self.scaling * delta).astype(np.float32)
-            if self.rng is not None:
-                bound = 1.0 / math.sqrt(d_in)
-                out[a_key] = self.rng.uniform(-bound, bound, size=(r_max, d_in)).astype(np.float32)
-            elif prev_a is None:
-                raise ValueError(f"global_state has no {a_key!r} to restart from; start from init_state()")
-            out[b_key] = np.zeros((d_out, r_max), dtype=np.float32)
-        _aggregate_heads(out, global_state, updates)
-        return out
+        return [u.num_samples / total for u in updates]
+
+    def _fold(self, out, path, prev_a, full, product, r_max) -> None:  # the arguments: see _FullSize
+        a_key, b_key, m_key = (f"{path}.{k}" for k in (LORA_A, LORA_B, MERGED))
+        delta = product(None)  # 0 where no device held an element
+        d_out, d_in = delta.shape
+        base = np.zeros((d_out, d_in)) if full is None else full.astype(np.float64)
+        out[m_key] = (base + self.scaling * delta).astype(np.float32)
+        if self.rng is not None:
+            bound = 1.0 / math.sqrt(d_in)
+            out[a_key] = self.rng.uniform(-bound, bound, size=(r_max, d_in)).astype(np.float32)
+        elif prev_a is None:
+            raise ValueError(f"global_state has no {a_key!r} to restart from; start from init_state()")
+        out[b_key] = np.zeros((d_out, r_max), dtype=np.float32)
 
     def distribute(
         self, global_state: Mapping[str, np.ndarray], slices: Mapping[str, SliceLike], rank: int

@@ -22,7 +22,7 @@ server can aggregate without it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import NamedTuple, Protocol
 
 import numpy as np
@@ -205,33 +205,39 @@ def pad_rank(tensors: Mapping[str, np.ndarray], r_max: int) -> dict[str, np.ndar
     choose whether padded rank components count in the average. Non-LoRA keys are copied.
     """
     _check_rank(r_max, "r_max")
-    out: dict[str, np.ndarray] = {}
-    for key, value in tensors.items():
-        arr = np.asarray(value)
-        kind = split_key(key)[1]
-        if kind is None:
-            out[key] = arr.copy()
-            continue
-        r = arr.shape[0] if kind == LORA_A else arr.shape[1]
+
+    def pad(key: str, arr: np.ndarray, is_a: bool, r: int) -> np.ndarray:
         if r > r_max:
             raise ValueError(f"r_max ({r_max}) is below the rank {r} of {key!r}; use truncate_rank")
-        pad = ((0, r_max - r), (0, 0)) if kind == LORA_A else ((0, 0), (0, r_max - r))
-        out[key] = np.pad(arr, pad)
-    return out
+        return np.pad(arr, ((0, r_max - r), (0, 0)) if is_a else ((0, 0), (0, r_max - r)))
+
+    return _map_rank_axis(tensors, pad)
 
 
 def truncate_rank(tensors: Mapping[str, np.ndarray], r: int) -> dict[str, np.ndarray]:
     """Keep the first ``r`` rank components: A[:r] and B[:, :r] (HetLoRA's distribution rule, §b)."""
     _check_rank(r, "r")
+
+    def truncate(key: str, arr: np.ndarray, is_a: bool, have: int) -> np.ndarray:
+        if r > have:
+            raise ValueError(f"r ({r}) exceeds the rank {have} of {key!r}; use pad_rank")
+        return (arr[:r] if is_a else arr[:, :r]).copy()
+
+    return _map_rank_axis(tensors, truncate)
+
+
+def _map_rank_axis(
+    tensors: Mapping[str, np.ndarray], fn: Callable[[str, np.ndarray, bool, int], np.ndarray]
+) -> dict[str, np.ndarray]:
+    """``fn(key, array, is_a, rank)`` for every LoRA tensor, the rank being A's rows or B's
+    columns; any other key is copied unchanged."""
     out: dict[str, np.ndarray] = {}
     for key, value in tensors.items():
         arr = np.asarray(value)
         kind = split_key(key)[1]
         if kind is None:
             out[key] = arr.copy()
-            continue
-        have = arr.shape[0] if kind == LORA_A else arr.shape[1]
-        if r > have:
-            raise ValueError(f"r ({r}) exceeds the rank {have} of {key!r}; use pad_rank")
-        out[key] = (arr[:r] if kind == LORA_A else arr[:, :r]).copy()
+        else:
+            is_a = kind == LORA_A
+            out[key] = fn(key, arr, is_a, arr.shape[0] if is_a else arr.shape[1])
     return out

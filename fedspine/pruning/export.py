@@ -47,13 +47,9 @@ def export_for_deployment(
     shape = fam.arch_shape(model)
     if kept_map is None:
         kept_map = KeptIndexMap.full(shape)
-    for i, lk in enumerate(kept_map.layers):
-        if (len(lk.heads), len(lk.kv_heads), len(lk.channels)) != (
-            shape.num_heads,
-            shape.num_kv_heads,
-            shape.intermediate_size,
-        ):
-            raise ValueError(f"kept_map layer {i} does not match the model's current sizes {shape}")
+    bad = kept_map.first_mismatch(shape)
+    if bad is not None:
+        raise ValueError(f"kept_map layer {bad} does not match the model's current sizes {shape}")
     _drop_gguf_marker(model)
     fam.sync_config(model)
     plain = fam.plain_loadable(shape)

@@ -186,6 +186,15 @@ class KeptIndexMap:
         return 1.0 - kept / total
 
     # --- serialisation ---------------------------------------------------------------------------
+    def first_mismatch(self, shape: ArchShape) -> int | None:
+        """The first layer whose kept heads / KV heads / channels are not ``shape``'s per-layer
+        sizes (None: the map describes a model of that shape, e.g. the one it was pruned to)."""
+        want = (shape.num_heads, shape.num_kv_heads, shape.intermediate_size)
+        for i, lk in enumerate(self.layers):
+            if (len(lk.heads), len(lk.kv_heads), len(lk.channels)) != want:
+                return i
+        return None
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "shape": self.shape.__dict__.copy(),

@@ -226,17 +226,14 @@ def prune_model(
     _refuse_peft(model)
     new_map = kept_map.compose(positions)  # validates the positions
     cur = fam.arch_shape(model)
-    for i, lk in enumerate(kept_map.layers):
-        if (len(lk.heads), len(lk.kv_heads), len(lk.channels)) != (
-            cur.num_heads,
-            cur.num_kv_heads,
-            cur.intermediate_size,
-        ):
-            raise ValueError(
-                f"kept_map layer {i} has {len(lk.heads)} heads / {len(lk.kv_heads)} kv heads / "
-                f"{len(lk.channels)} channels but the model has {cur.num_heads} / {cur.num_kv_heads} / "
-                f"{cur.intermediate_size}: the map does not describe this model"
-            )
+    bad = kept_map.first_mismatch(cur)
+    if bad is not None:
+        lk = kept_map.layers[bad]
+        raise ValueError(
+            f"kept_map layer {bad} has {len(lk.heads)} heads / {len(lk.kv_heads)} kv heads / "
+            f"{len(lk.channels)} channels but the model has {cur.num_heads} / {cur.num_kv_heads} / "
+            f"{cur.intermediate_size}: the map does not describe this model"
+        )
     counts = {(len(h), len(c)) for h, c in positions}
     if len(counts) != 1:
         raise ValueError(

@@ -27,7 +27,7 @@ def test_config_name_tuples_equal_the_registries():
     assert sorted(config.STRATEGY_NAMES) == sorted(STRATEGIES)
     assert sorted(config.AGGREGATION_RULES) == sorted(AGGREGATORS)
     assert sorted(config.IMPORTANCES) == importance_names()
-    assert config.TASKS == TASKS and config.PARTITIONS == SCHEMES and config.LOSSES == LOSSES
+    assert config.TASKS == tuple(TASKS) and config.PARTITIONS == SCHEMES and config.LOSSES == LOSSES
     assert sorted(set(config.DATA_SOURCES) - {"synthetic"}) == packaged_sources()
 
 

@@ -25,6 +25,7 @@ from fedspine.fl.devices import (
 )
 from fedspine.fl.time_model import (
     RoundWork,
+    Workload,
     kept_counts,
     memory_bytes,
     payload_bytes,
@@ -38,25 +39,27 @@ from fedspine.pruning.index_map import ArchShape, KeptIndexMap
 
 # Tiny shape for hand computation: 1 layer, 2 heads of dim 2, hidden 4, 8 MLP channels, BERT MLP.
 TINY = ArchShape(num_layers=1, num_heads=2, num_kv_heads=2, head_dim=2, intermediate_size=8, hidden_size=4)
-TINY_KW = dict(
-    kept_heads=2, kept_kv_heads=2, kept_channels=8, lora_rank=1, lora_modules=("q",), mlp_matrices=2
+TINY_KEPT = dict(kept_heads=2, kept_kv_heads=2, kept_channels=8)
+TINY_LOAD = Workload(
+    lora_rank=1, lora_modules=("q",), mlp_matrices=2, steps=1, batch=1, seq_len=2, vocab_size=10
 )
 
 SMOL = ArchShape(30, 9, 3, 64, 1536, 576)  # SmolLM2-135M
-SMOL_KW = dict(lora_rank=8, steps=20, batch=16, seq_len=128, vocab_size=49152, mlp_matrices=3)
+SMOL_LOAD = Workload(lora_rank=8, steps=20, batch=16, seq_len=128, vocab_size=49152, mlp_matrices=3)
 
 
 def test_train_flops_by_hand_on_a_tiny_shape():
     # Per token: base weights P = d*hd*(2h + 2kv) + 2*d*c = 4*2*8 + 2*4*8 = 128, LM head d*V = 40:
     #   frozen, 4 * (128 + 40) = 672; attention 12 * h * hd * seq = 12*2*2*2 = 96;
     #   LoRA on q (4 -> 4), rank 1: 6 * 1 * (4 + 4) = 48.  816 per token, 2 tokens.
-    flops = train_flops(TINY, **TINY_KW, steps=1, batch=1, seq_len=2, vocab_size=10)
+    flops = train_flops(TINY, TINY_LOAD, **TINY_KEPT)
     assert flops == 2 * (672 + 96 + 48)
 
 
 def test_flops_fall_with_pruning_and_grow_with_rank_steps_and_seq():
     def f(ratio=0.0, **over):
-        return train_flops(SMOL, **kept_counts(SMOL, ratio, mlp_matrices=3), **{**SMOL_KW, **over})
+        load = dataclasses.replace(SMOL_LOAD, **over)
+        return train_flops(SMOL, load, **kept_counts(SMOL, ratio, mlp_matrices=3))
 
     assert f(0.5) < f(0.3) < f(0.0)
     assert f(lora_rank=4) < f(lora_rank=8) < f(lora_rank=32)
@@ -70,27 +73,19 @@ def test_payload_bytes_by_hand_with_grouped_query_attention():
     shape = ArchShape(
         num_layers=2, num_heads=4, num_kv_heads=2, head_dim=2, intermediate_size=6, hidden_size=8
     )
-    pay = payload_bytes(
-        shape, kept_heads=2, kept_kv_heads=1, kept_channels=4, lora_rank=2, mlp_matrices=3
-    )  # all roles adapted
+    load = Workload(lora_rank=2, mlp_matrices=3, steps=1, batch=1, seq_len=8, vocab_size=0)  # all roles
+    kept = dict(kept_heads=2, kept_kv_heads=1, kept_channels=4)
+    pay = payload_bytes(shape, load, **kept)
     # (d_in + d_out) per layer: q 8+4, k 8+2, v 8+2, o 4+8, gate 8+4, up 8+4, down 4+8 = 80
     adapter = 2 * 80 * 2 * 4  # rank * widths * layers * fp32
     index = (2 + 1 + 4) * 2 * 4  # kept heads + kv heads + channels, per layer, int32
     assert (pay.up_bytes, pay.down_bytes) == (adapter + index, adapter)
-    half = payload_bytes(
-        shape,
-        kept_heads=2,
-        kept_kv_heads=1,
-        kept_channels=4,
-        lora_rank=2,
-        mlp_matrices=3,
-        adapter_dtype_bytes=2,
-    )
+    half = payload_bytes(shape, dataclasses.replace(load, adapter_dtype_bytes=2), **kept)
     assert half.down_bytes == adapter // 2
 
 
 def test_memory_bytes_by_hand_on_a_tiny_shape():
-    mem = memory_bytes(TINY, **TINY_KW, batch=1, seq_len=2, vocab_size=10)
+    mem = memory_bytes(TINY, TINY_LOAD, **TINY_KEPT)
     weights = (128 + 10 * 4) * 4  # prunable weights + tied embedding, fp32
     lora = 4 * 1 * 8 * 4  # params, grads, AdamW m and v of 8 LoRA params, fp32
     # per token: 4d + 2(h+kv)hd + 2h*seq + 2(mlp-1)c + r*modules = 16 + 16 + 8 + 16 + 1
@@ -98,14 +93,14 @@ def test_memory_bytes_by_hand_on_a_tiny_shape():
     logits = 2 * 1 * 2 * 10 * 4
     assert mem == weights + lora + acts + logits
     # a classification head: no logits over the vocabulary, but the embedding table stays in memory
-    cls = memory_bytes(TINY, **TINY_KW, batch=1, seq_len=2, vocab_size=10, lm_head=False)
-    assert cls == weights + lora + acts
-    flops_cls = train_flops(TINY, **TINY_KW, steps=1, batch=1, seq_len=2, vocab_size=10, lm_head=False)
+    cls_load = dataclasses.replace(TINY_LOAD, lm_head=False)
+    assert memory_bytes(TINY, cls_load, **TINY_KEPT) == weights + lora + acts
+    flops_cls = train_flops(TINY, cls_load, **TINY_KEPT)
     assert flops_cls == 2 * (4 * 128 + 96 + 48)
 
 
 def test_a_model_too_big_for_the_device_fails_the_round_and_still_draws_jitter():
-    work = round_work_for_ratio(SMOL, 0.0, **SMOL_KW)
+    work = round_work_for_ratio(SMOL, 0.0, SMOL_LOAD)
     assert work.memory_bytes > 1 * GIB  # 135M params at fp32 plus activations of 16 x 128 tokens
     tiny_device = dataclasses.replace(XAVIER_NX, name="made-up-1gb", memory_bytes=GIB)
     rng_a, rng_b = np.random.default_rng(3), np.random.default_rng(3)
@@ -116,7 +111,7 @@ def test_a_model_too_big_for_the_device_fails_the_round_and_still_draws_jitter()
     assert not ok.failed and ok.total_s > 0
     assert rng_a.random() == rng_b.random()  # a failure consumes the same draw as a success
     # pruning shrinks the requirement
-    assert round_work_for_ratio(SMOL, 0.5, **SMOL_KW).memory_bytes < work.memory_bytes
+    assert round_work_for_ratio(SMOL, 0.5, SMOL_LOAD).memory_bytes < work.memory_bytes
 
 
 def test_round_time_is_compute_plus_comm_times_a_seeded_jitter():
@@ -140,7 +135,7 @@ def test_round_time_is_compute_plus_comm_times_a_seeded_jitter():
 
 
 def test_measured_times_pass_through_without_drawing():
-    work = round_work_for_ratio(SMOL, 0.0, **SMOL_KW)
+    work = round_work_for_ratio(SMOL, 0.0, SMOL_LOAD)
     rng = np.random.default_rng(1)
     state = rng.bit_generator.state
     t = round_time(AGX_XAVIER, work, rng, measured_s=12.5)
@@ -153,9 +148,9 @@ def test_measured_times_pass_through_without_drawing():
 
 def test_kept_index_map_wrapper_matches_the_counts():
     km = KeptIndexMap.full(SMOL).compose([(range(6), range(680))] * SMOL.num_layers)
-    by_map = round_work_for_map(km, **SMOL_KW)
-    by_counts = round_work(SMOL, kept_heads=6, kept_kv_heads=2, kept_channels=680, **SMOL_KW)
-    assert by_map == by_counts == round_work_for_ratio(SMOL, 0.5, **SMOL_KW)
+    by_map = round_work_for_map(km, SMOL_LOAD)
+    by_counts = round_work(SMOL, SMOL_LOAD, kept_heads=6, kept_kv_heads=2, kept_channels=680)
+    assert by_map == by_counts == round_work_for_ratio(SMOL, 0.5, SMOL_LOAD)
 
 
 @pytest.mark.parametrize(
@@ -175,13 +170,22 @@ def test_kept_counts_match_the_pruner_plan(shape, mlp):
 
 def test_work_inputs_are_validated_by_name():
     with pytest.raises(ValueError, match="kept_heads"):
-        train_flops(TINY, **{**TINY_KW, "kept_heads": 3}, steps=1, batch=1, seq_len=2, vocab_size=0)
+        train_flops(TINY, TINY_LOAD, **{**TINY_KEPT, "kept_heads": 3})
     with pytest.raises(ValueError, match="lora_modules"):
-        train_flops(
-            TINY, **{**TINY_KW, "lora_modules": ("q", "gate")}, steps=1, batch=1, seq_len=2, vocab_size=0
-        )
+        dataclasses.replace(TINY_LOAD, lora_modules=("q", "gate"))
     with pytest.raises(ValueError, match="steps"):
-        train_flops(TINY, **TINY_KW, steps=0, batch=1, seq_len=2, vocab_size=0)
+        dataclasses.replace(TINY_LOAD, steps=0)
+    for field, bad in [
+        ("lora_rank", 0),
+        ("vocab_size", -1),
+        ("mlp_matrices", 4),
+        ("lm_head", 1),
+        ("batch", 1.0),
+    ]:
+        with pytest.raises(ValueError, match=field):
+            dataclasses.replace(TINY_LOAD, **{field: bad})
+    plain = dataclasses.replace(TINY_LOAD, lora_rank=np.int64(4), lora_modules=["q", "v"])
+    assert type(plain.lora_rank) is int and plain.lora_modules == ("q", "v") and hash(plain)
     with pytest.raises(ValueError, match="RoundWork.flops"):
         RoundWork(flops=-1.0, up_bytes=0, down_bytes=0, memory_bytes=0)
 

@@ -48,3 +48,10 @@ def test_invalid_maps_and_positions_are_rejected_with_reasons():
     bad["layers"][0]["kv_heads"] = [0]
     with pytest.raises(ValueError, match="do not match the query heads' groups"):
         KeptIndexMap.from_dict(bad)
+
+
+def test_first_mismatch_names_the_first_layer_that_differs_from_a_shape():
+    full = KeptIndexMap.full(SHAPE)
+    assert full.first_mismatch(SHAPE) is None
+    pruned = full.compose([([0, 1, 2, 3, 4, 5], range(10)), ([0, 1, 4, 5], range(1, 9))])
+    assert pruned.first_mismatch(SHAPE) == 1

@@ -1,0 +1,245 @@
+"""Safe exploration: which arms each device may play this round (ours, not in the FedSpine paper).
+
+A round lasts as long as its slowest device, so one device exploring a heavy arm costs the whole
+fleet waiting time; and pruning is never undone on a device. :class:`SafeExploration` turns the
+fleet time model (:mod:`fedspine.bandit.fleet`) into an allowed set of arms per device before the
+policy chooses among them:
+
+* objective ``"deadline"``: one deadline per round and, per device, the arms predicted to meet
+  it (:meth:`SafeExploration.deadline_arms`), with every device's pruning so far as a floor
+  (monotone pruning) and a margin on pooled predictions for arms a device has not run itself;
+* objective ``"paper"``: an optional cap on exploration at the round's predicted makespan
+  (``safe_slack``, :meth:`SafeExploration.safe_arms`).
+
+It owns each lane's pruning floor and the current round's deadline; the ``Allocator`` composes
+it, owns the fleet model and hands it in. numpy only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from fedspine.bandit.arms import ArmSpace
+from fedspine.bandit.fleet import FleetModel
+from fedspine.bandit.planner import capacity, one_step_cheaper
+from fedspine.bandit.reward import time_score
+
+# Objective "deadline": an arm a device has not run itself is admitted only if its pooled predicted
+# time, times this margin, meets the deadline (ours; chosen on the synthetic fleets that
+# scripts/allocator_vs_planner.py holds out: 1.0 overshoots the planner's makespan by ~7%, 1.05
+# costs ~2% capacity).
+UNPROVEN_MARGIN = 1.03
+
+
+class SafeExploration:
+    """The allowed arms of each lane, from the fleet model, and the state that needs: each lane's
+    pruning so far (``floor``, objective ``"deadline"`` with monotone pruning) and the round's
+    deadline (``deadline``; None until some device's time is known, always None for ``"paper"``).
+
+    Settings are the ``Allocator``'s, validated there: ``safe_slack`` (``"paper"``; None = off),
+    ``deadline_slack``, ``explore_factor``, ``monotone_pruning``, ``prune_elasticity``, and from
+    the reward config ``target_ratio`` (0 = none) and ``time_alpha``.
+    """
+
+    def __init__(
+        self,
+        space: ArmSpace,
+        *,
+        objective: str,
+        safe_slack: float | None,
+        deadline_slack: float,
+        explore_factor: float,
+        monotone_pruning: bool,
+        prune_elasticity: float,
+        target_ratio: float,
+        time_alpha: float,
+    ):
+        self.space = space
+        self.objective = objective
+        self.safe_slack = safe_slack
+        self.deadline_slack = deadline_slack
+        self.explore_factor = explore_factor
+        self.monotone_pruning = monotone_pruning
+        self.prune_elasticity = prune_elasticity
+        self.target_ratio = target_ratio
+        self.time_alpha = time_alpha
+        self._capacity = capacity(space)
+        self._step = one_step_cheaper(space)
+        self._arm_ratios = np.array([a.ratio for a in space], dtype=np.float64)
+        self._arm_ranks = np.array([a.rank for a in space], dtype=np.int64)
+        # A newcomer's first arm: pruning is undone by nothing when devices prune progressively
+        # (the paper's design), so start unpruned at the lowest rank; else on the cheapest arm.
+        unpruned = np.flatnonzero(self._arm_ratios == np.array(space.ratios)[0])
+        self.start_arm = (
+            int(unpruned[np.argmin(self._arm_ranks[unpruned])])
+            if monotone_pruning
+            else int(np.argmin(self._capacity))
+        )
+        self.floor = np.zeros(0)  # objective "deadline": each lane's pruning so far (monotone)
+        self.deadline: float | None = None  # objective "deadline": the current round's
+
+    def add_lanes(self, n: int) -> None:
+        self.floor = np.concatenate([self.floor, np.zeros(n)])
+
+    # --- the allowed arms --------------------------------------------------------------------------
+    def allowed(self, lanes: np.ndarray, fleet: FleetModel, time_ref_ema: float | None) -> np.ndarray | None:
+        """The arms each of ``lanes`` may play this round (None: any); sets the round's deadline."""
+        if self.objective == "deadline":
+            allowed, self.deadline = self.deadline_arms(lanes, fleet)
+            return allowed
+        return None if self.safe_slack is None else self.safe_arms(lanes, fleet, time_ref_ema)
+
+    def observe(self, lanes: np.ndarray, achieved_ratios: np.ndarray) -> None:
+        """Completed rounds of ``lanes`` (distinct) at ``achieved_ratios``: raise their floors."""
+        if self.objective == "deadline" and self.monotone_pruning:
+            self.floor[lanes] = np.maximum(self.floor[lanes], achieved_ratios)
+
+    def deadline_arms(self, lanes: np.ndarray, fleet: FleetModel) -> tuple[np.ndarray, float | None]:
+        """Arms each lane may play under the round's deadline, and the deadline (objective
+        ``"deadline"``; None while no device's time is known).
+
+        * A device never observed gets its start arm (unpruned at the lowest rank when pruning
+          is monotone, else the cheapest arm); one round gives its speed.
+        * Times come from the fleet model. An arm nobody has run is guessed from run arms of the
+          same rank: pruning more scales the time by the kept fraction to the power
+          ``prune_elasticity`` (compute and transfer shrink with the pruned structure; ours);
+          pruning less or a rank one step higher costs ``explore_factor`` times its run
+          neighbour one grid step cheaper; a lower rank costs at most what the higher one did.
+        * The deadline is the slowest device's fastest arm (among the arms its pruning so far
+          allows), times ``1 + deadline_slack``.
+        * Each device gets the pruning ratio of the largest arm (by capacity,
+          ``fedspine.bandit.planner``) predicted to meet the deadline, as the planner would
+          choose, and the policy chooses among the ranks at that ratio that meet it. Pruning is
+          never undone, so the ratio is not explored. A device that meets the deadline on no
+          arm plays its fastest.
+        * With ``RewardConfig.target_ratio``, the fleet's mean ratio is held at the target: a
+          longer deadline if the devices would prune more, a common pruning floor if less.
+        """
+        n, n_arms = lanes.size, len(self.space)
+        allowed = np.zeros((n, n_arms), dtype=bool)
+        theta, phi = fleet.fit()
+        known = ~np.isnan(theta[lanes])
+        allowed[~known, self.start_arm] = True
+        guess = self._guess_arm_costs(phi)
+        if not known.any() or np.isnan(guess).all():
+            allowed[known, self.start_arm] = True
+            return allowed, None
+        lanes_k = lanes[known]
+        pred = fleet.predict_blended(lanes_k, prior_weight=0.25, fitted=(theta, phi))
+        # a pooled prediction for an arm the device has not run itself carries the model's error
+        unproven = fleet.weight[lanes_k] < 0.5
+        pred = np.where(unproven, pred * UNPROVEN_MARGIN, pred)
+        pred = np.where(np.isnan(phi)[None, :], np.exp(theta[lanes_k, None] + guess[None, :]), pred)
+        pred = np.where(np.isnan(pred), np.inf, pred)
+        pred[self._arm_ratios[None, :] < self.floor[lanes_k, None] - 1e-9] = np.inf  # pruned already
+        fastest = pred.min(axis=1)
+        deadline = float(fastest[np.isfinite(fastest)].max(initial=0.0)) * (1.0 + self.deadline_slack)
+        if deadline <= 0.0:
+            allowed[known, self.start_arm] = True
+            return allowed, None
+        fits, ok = self._fit_deadline(pred, deadline)
+        target = self.target_ratio
+        if target and self._arm_ratios[ok.argmax(axis=1)].mean() > target + 1e-9:
+            # a sparsity target below what this deadline needs: lengthen the round until it holds
+            longest = max(2.0, float(pred[np.isfinite(pred)].max() / deadline))
+            for factor in np.geomspace(1.02, longest, 40):  # the last one if none is enough
+                fits, ok = self._fit_deadline(pred, deadline * factor)
+                if self._arm_ratios[ok.argmax(axis=1)].mean() <= target + 1e-9:
+                    break
+            deadline *= float(factor)
+        elif target:
+            ok = self._sparsity_floor(fits, ok)
+        allowed[known] = ok
+        return allowed, deadline
+
+    def _fit_deadline(self, pred: np.ndarray, deadline: float) -> tuple[np.ndarray, np.ndarray]:
+        """Arms predicted to meet ``deadline`` (a device that meets it on none: its fastest), and
+        among them those at the ratio of the largest arm that fits, as the planner would choose
+        (ties: the least pruning, which is never undone)."""
+        fits = pred <= deadline * (1 + 1e-9)
+        fits[np.arange(pred.shape[0]), pred.argmin(axis=1)] |= ~fits.any(axis=1)
+        score = np.where(fits, self._capacity[None, :] - 1e-9 * self._arm_ratios[None, :], -np.inf)
+        chosen = self._arm_ratios[score.argmax(axis=1)]
+        return fits, fits & np.isclose(self._arm_ratios[None, :], chosen[:, None])
+
+    def _guess_arm_costs(self, phi: np.ndarray) -> np.ndarray:
+        """Arm costs (log-time effects) with the arms nobody has run guessed from run ones of
+        the same rank, as :meth:`deadline_arms` describes; NaN where nothing is known yet."""
+        out = phi.copy()
+        run = ~np.isnan(phi)
+        ratios, ranks = self._arm_ratios, self._arm_ranks
+        same_rank = ranks[:, None] == ranks[None, :]
+        # pruning more than a run arm: the nearest run arm of the same rank that prunes less
+        less = same_rank & (ratios[None, :] < ratios[:, None] - 1e-12) & run[None, :]
+        ref = np.where(less, ratios[None, :], -np.inf).argmax(axis=1)
+        has = less.any(axis=1) & ~run
+        kept = np.log((1 - ratios[has]) / (1 - ratios[ref[has]]))
+        out[has] = phi[ref[has]] + self.prune_elasticity * kept
+        # heavier by one grid step than a run arm
+        heavier = self._step & run[None, :]
+        bound = np.where(heavier, phi[None, :], -np.inf).max(axis=1)
+        take = np.isnan(out) & heavier.any(axis=1)
+        out[take] = bound[take] + np.log(self.explore_factor)
+        # a lower rank than a run arm at the same ratio: no slower than it
+        same_ratio_higher = (
+            np.isclose(ratios[:, None], ratios[None, :]) & (ranks[None, :] > ranks[:, None]) & run[None, :]
+        )
+        upper = np.where(same_ratio_higher, phi[None, :], np.inf).min(axis=1)
+        take = np.isnan(out) & same_ratio_higher.any(axis=1)
+        out[take] = upper[take]
+        return out
+
+    def _sparsity_floor(self, fits: np.ndarray, chosen: np.ndarray) -> np.ndarray:
+        """With a sparsity target: pin each device's ratio to ``max(floor, the ratio the deadline
+        gives it)`` with the lowest common floor whose fleet mean reaches ``target_ratio`` (ours).
+        The pace setters prune what the deadline needs, the others exactly the floor; the policy
+        picks the rank. ``chosen`` is the allowed set without a target."""
+        ratios = self._arm_ratios
+        need = np.where(chosen, ratios[None, :], np.inf).min(axis=1)
+        pinned = need
+        for floor in sorted(set(ratios.tolist())):
+            above = np.where(fits & (ratios[None, :] >= floor - 1e-12), ratios[None, :], np.inf).min(axis=1)
+            pinned = np.where(np.isfinite(above), np.maximum(above, need), need)
+            if pinned.mean() >= self.target_ratio - 1e-9:
+                break
+        return fits & np.isclose(ratios[None, :], pinned[:, None])
+
+    def safe_arms(
+        self, lanes: np.ndarray, fleet: FleetModel, time_ref_ema: float | None
+    ) -> np.ndarray | None:
+        """Arms each lane may explore, or None when the fleet model cannot tell yet.
+
+        The fleet model predicts every device's time on every arm and, with the pooled quality
+        per arm, its reward (``time_ref_ema``: the reward's time reference over past rounds). The
+        arm with the best predicted reward gives each device a predicted time; the slowest of
+        those, times ``1 + safe_slack``, is the round's time cap. A device exploring a heavy arm
+        would otherwise set the whole round's makespan; under the cap, exploration happens where
+        it costs nobody any waiting. Arms (or devices) the model knows nothing about stay
+        allowed, so newcomers and untried arms are still explored (ours).
+        """
+        if time_ref_ema is None:
+            return None
+        pred = fleet.predict(lanes)
+        quality = fleet.quality()
+        predicted_reward = time_score(pred, time_ref_ema, self.time_alpha) * quality[None, :]
+        rows = np.arange(lanes.size)
+        known = ~np.all(np.isnan(predicted_reward), axis=1)
+        if not known.any():
+            return None
+        best = np.nanargmax(predicted_reward[known], axis=1)
+        cap = float(np.max(pred[rows[known], best])) * (1.0 + float(self.safe_slack or 0.0))
+        allowed = ~(pred > cap)  # NaN (unknown) stays allowed
+        stuck = ~allowed.any(axis=1)
+        if stuck.any():
+            allowed[stuck, np.nanargmin(pred[stuck], axis=1)] = True
+        return allowed
+
+    # --- persistence (keys of the Allocator's state, version 2) ---------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"deadline": self.deadline, "floor": self.floor.tolist()}
+
+    def load_state_dict(self, state: Any) -> None:
+        self.deadline = None if state["deadline"] is None else float(state["deadline"])
+        self.floor = np.asarray(state["floor"], dtype=np.float64)

@@ -1,0 +1,92 @@
+"""The allocator's parts: the RewardTracker and SafeExploration it composes, each with its own state."""
+
+import json
+
+import numpy as np
+import pytest
+
+from fedspine.bandit import Allocator, ArmSpace, RewardConfig
+from fedspine.bandit.fleet import FleetModel
+from fedspine.bandit.planner import capacity
+from fedspine.bandit.safety import SafeExploration
+from fedspine.bandit.synthetic import SyntheticFleet
+from fedspine.bandit.tracker import RewardTracker
+
+SPACE = ArmSpace.grid([0.0, 0.25, 0.5], [4, 8])
+STATE_KEYS = [
+    "version", "space", "reward", "seed", "safe_slack", "objective", "deadline_slack",
+    "explore_factor", "change_factor", "monotone_pruning", "prune_elasticity", "deadline", "floor",
+    "rng", "fleet", "policy", "lanes", "pending", "round", "gain_ref", "norm_ref", "time_ref_ema",
+    "times_round", "times",
+]  # fmt: skip
+
+
+def _safety(**kw):
+    settings = dict(
+        objective="deadline",
+        safe_slack=None,
+        deadline_slack=0.0,
+        explore_factor=1.25,
+        monotone_pruning=True,
+        prune_elasticity=0.8,
+        target_ratio=0.0,
+        time_alpha=1.0,
+    )
+    return SafeExploration(SPACE, **{**settings, **kw})
+
+
+@pytest.mark.parametrize("objective", ["deadline", "paper"])
+def test_the_state_keeps_its_version_2_layout_and_round_trips_through_the_parts(objective):
+    fleet = SyntheticFleet.paper_mix(8, seed=0)
+    alloc = Allocator(SPACE, seed=3, objective=objective, reward=RewardConfig(target_ratio=0.2))
+    rng = np.random.default_rng(0)
+    for rnd in range(1, 6):
+        arms = alloc.assign(range(8), rnd)
+        alloc.observe_round(fleet.run_round([arms[d] for d in range(8)], SPACE, rng))
+    state = alloc.state_dict()
+    assert list(state) == STATE_KEYS
+    assert {k: state[k] for k in ("deadline", "floor")} == alloc.safety.state_dict()
+    tracked = ("gain_ref", "norm_ref", "time_ref_ema", "times_round", "times")
+    assert {k: state[k] for k in tracked} == alloc.reward_tracker.state_dict()
+    text = json.dumps(state)
+    again = Allocator.from_state_dict(json.loads(text))
+    assert json.dumps(again.state_dict()) == text
+    assert again.assign(range(8), 6) == alloc.assign(range(8), 6)
+
+
+def test_reward_tracker_scores_a_failure_zero_and_keeps_its_scales():
+    tracker = RewardTracker(RewardConfig(), SPACE, objective="paper")
+    tracker.add_lanes(2)
+    lanes, ok = np.array([0, 1]), np.array([True, False])
+    nan = np.full(2, np.nan)
+    rewards, quality = tracker.score(
+        lanes,
+        ok,
+        times=np.array([2.0, np.nan]),
+        loss_before=np.array([1.0, np.nan]),
+        loss_after=np.array([0.5, np.nan]),
+        update_norm=nan,
+        ratio=np.array([0.0, 0.25]),
+        whole_round=True,
+        deadline=None,
+    )
+    assert rewards[1] == 0.0 and 0.0 < rewards[0] <= 1.0 and quality.shape == (2,)
+    assert tracker.gain_ref.tolist() == [0.5, 0.0] and tracker.times == [2.0]
+    tracker.fold(before_round=2)  # the round's time quantile becomes the EMA
+    assert (tracker.time_ref_ema, tracker.times, tracker.times_round) == (2.0, [], 2)
+
+
+def test_safe_exploration_starts_newcomers_unpruned_and_floors_only_monotone_pruning():
+    safety = _safety()
+    safety.add_lanes(2)
+    fleet = FleetModel(len(SPACE))
+    fleet.add_lanes(2)
+    allowed = safety.allowed(np.array([0, 1]), fleet, None)
+    assert safety.deadline is None and allowed.sum(axis=1).tolist() == [1, 1]
+    assert SPACE[safety.start_arm].ratio == 0.0 and SPACE[safety.start_arm].rank == 4
+    safety.observe(np.array([1]), np.array([0.25]))
+    assert safety.floor.tolist() == [0.0, 0.25]
+    loose = _safety(monotone_pruning=False)
+    loose.add_lanes(1)
+    loose.observe(np.array([0]), np.array([0.5]))
+    assert loose.floor.tolist() == [0.0] and loose.start_arm == int(np.argmin(capacity(SPACE)))  # cheapest
