@@ -55,12 +55,10 @@ from fedspine.lora.adapters import ALPHA_PER_RANK
 from fedspine.lora.coords import LORA_A, LORA_B, split_key
 from fedspine.pruning.arch import Family
 from fedspine.pruning.index_map import KeptIndexMap
-from fedspine.pruning.iterative import LORA_GRADIENT, cubic_targets
+from fedspine.pruning.iterative import LORA_GRADIENT, UNIT_AXIS, cubic_targets
 from fedspine.pruning.lora_grad import LoRAGradientImportance, lora_element_scores
 from fedspine.pruning.structured import UnitScores, plan_counts, select_units
 
-# Which side of a role's weight a unit owns (as in fedspine.pruning.iterative).
-_AXIS = {"q": "out", "k": "out", "v": "out", "o": "in", "mlp_in": "out", "mlp_out": "in"}
 # Where each family's MLP activation lives, relative to a layer: the channel mask is applied to
 # its output (for LLaMA act(gate) * up, zeroing act(gate) zeroes the product, and up's removed
 # rows get zero gradients just the same).
@@ -180,7 +178,7 @@ class _Device:
 @dataclass
 class _Pass:
     k: int
-    rows: int  # rows per device in the concatenated batch
+    rows: int  # rows per device in the current concatenated batch (set by _concat)
     lora: dict[str, tuple[torch.Tensor, torch.Tensor]]  # path -> (A (K,R,in), B (K,out,R)) leaves
     heads: dict[str, torch.Tensor]  # head param name -> (K, ...) leaf
     masks: dict[str, torch.Tensor]  # attention output projection's path -> (K, 1, in) head mask
@@ -391,8 +389,7 @@ class BatchedTrainer:
             for i, d in enumerate(devs):
                 m[i, 0, torch.as_tensor(d.kept.channel_idx(layer))] = 1.0
             channel_masks.append(m.to(dev, self.dtype))
-        rows = max(1, max(len(d.data.probe["input_ids"]) for d in devs))
-        return _Pass(k, rows, lora, head_t, masks, channel_masks, fresh=torch.ones(k, dtype=torch.bool))
+        return _Pass(k, 0, lora, head_t, masks, channel_masks, fresh=torch.ones(k, dtype=torch.bool))
 
     # --- batches and losses -----------------------------------------------------------------------
     def _concat(self, batches: list[Batch]) -> tuple[Batch, list[int]]:
@@ -524,7 +521,7 @@ class BatchedTrainer:
             role = self.role_of[path][1]
             a_, b_ = a.detach()[sel], b.detach()[sel]
             elem = lora_element_scores(self.w32[path], a_, b_, a.grad[sel], b.grad[sel], self.scaling)
-            s = elem.sum(dim=2 if _AXIS[role] == "out" else 1)
+            s = elem.sum(dim=2 if UNIT_AXIS[role] == "out" else 1)
             norm = torch.linalg.vector_norm(s, dim=1, keepdim=True)
             now = torch.where(norm > 0, s / torch.where(norm > 0, norm, 1.0), s)
             old = ps.ema.get(path)
@@ -548,7 +545,7 @@ class BatchedTrainer:
                 for path in paths:
                     if path not in ps.ema:
                         continue
-                    idx = sl[role].out_idx if _AXIS[role] == "out" else sl[role].in_idx
+                    idx = sl[role].out_idx if UNIT_AXIS[role] == "out" else sl[role].in_idx
                     s = ps.ema[path][i].cpu()[torch.as_tensor(idx)]
                     if role in ("mlp_in", "mlp_out"):
                         c += s
@@ -570,13 +567,13 @@ class BatchedTrainer:
             sl = d.kept.role_slices(layer)
             for role, paths in self.paths[layer].items():
                 for path in paths:
-                    keep = sl[role].out_idx if _AXIS[role] == "out" else sl[role].in_idx
+                    keep = sl[role].out_idx if UNIT_AXIS[role] == "out" else sl[role].in_idx
                     if path in ps.lora:
                         a, b = ps.lora[path]
-                        width = b.shape[1] if _AXIS[role] == "out" else a.shape[2]
+                        width = b.shape[1] if UNIT_AXIS[role] == "out" else a.shape[2]
                         drop = torch.ones(width, dtype=torch.bool)
                         drop[torch.as_tensor(keep)] = False
-                        if _AXIS[role] == "out":
+                        if UNIT_AXIS[role] == "out":
                             b[i, drop.to(b.device)] = 0.0
                         else:
                             a[i, :, drop.to(a.device)] = 0.0

@@ -42,7 +42,7 @@ def importance_names() -> list[str]:
 
 
 # Which side of each role's weight a unit owns: rows ("out") or columns ("in").
-_AXIS = {"q": "out", "k": "out", "v": "out", "o": "in", "mlp_in": "out", "mlp_out": "in"}
+UNIT_AXIS = {"q": "out", "k": "out", "v": "out", "o": "in", "mlp_in": "out", "mlp_out": "in"}
 
 
 @dataclass(frozen=True)
@@ -137,7 +137,7 @@ class PruneAndTune:
                 for path in paths:
                     layer = hf.get_submodule(path)
                     if hasattr(layer, "lora_A"):
-                        out.append((path, layer, _AXIS[role]))
+                        out.append((path, layer, UNIT_AXIS[role]))
         return out
 
     def after_backward(self) -> bool:
