@@ -28,6 +28,7 @@ import torch
 
 from fedspine.config import load_config
 from fedspine.fl.batched import BatchedRunner
+from fedspine.fl.client import step_seed
 from fedspine.fl.runners import InProcessRunner
 from fedspine.fl.simulator import Simulation
 from fedspine.pruning.index_map import KeptIndexMap
@@ -82,8 +83,6 @@ def one_round(cfg, path: str, devices: int):
     tokens = {d: 0 for d in ids}
     steps = cfg.train.local_steps
     for d in ids:  # the real tokens each device trains on, from its own stream (as the runners draw it)
-        from fedspine.fl.client import step_seed
-
         gen = torch.Generator().manual_seed(step_seed(ins[d].seed, d, 1))
         batches = world.local_data(d).batches(gen)
         tokens[d] = sum(int(next(batches)["attention_mask"].sum()) for _ in range(steps))
