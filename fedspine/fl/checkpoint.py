@@ -68,7 +68,9 @@ def save(root: str | Path, state: dict[str, Any], arrays: dict[str, np.ndarray])
     keep it and the newest older one, delete the rest. Returns the generation's directory."""
     root = Path(root)
     rnd = int(state["round"])
-    root.mkdir(parents=True, exist_ok=True)
+    if not root.is_dir():
+        root.mkdir(parents=True)
+        _fsync_dir(root.parent)
     _remove_stale(root)
     final = root / f"ckpt-{rnd:06d}"
     tmp = root / f"{_TMP}{final.name}"
