@@ -287,6 +287,8 @@ def run(
     ``runner`` runs the client steps elsewhere (Flower); the loop is the same.
     """
     start = time.perf_counter()
+    if checkpoint_dir is not None and not resume:  # a kill while this run builds its World must
+        checkpoint.clear(checkpoint_dir)  # not resume a previous run's generations
     sim = Simulation(cfg, runner=runner)
     out = RunResult()
     if verbose:
@@ -304,8 +306,6 @@ def run(
             warnings.warn(f"{exc}; starting from round 0", checkpoint.CheckpointWarning, stacklevel=2)
         if logger is not None:
             logger.replace(out.records)
-    elif checkpoint_dir is not None:
-        checkpoint.clear(checkpoint_dir)  # a previous run's generations must not be resumed
     if checkpoint_dir is not None and not restored:  # round 0: a kill in round 1 resumes from here
         checkpoint.save(checkpoint_dir, *sim.checkpoint_state(out.records))
     progress = _progress(cfg.train.rounds, enabled=cfg.log.progress)
