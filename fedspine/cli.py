@@ -98,10 +98,15 @@ def _run(args: argparse.Namespace) -> int:
     except ValueError as exc:  # a wrong config: say which field and what is allowed, before any work
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    from fedspine.fl.checkpoint import CheckpointError
     from fedspine.fl.simulator import default_run_dir, run_in_dir
 
     run_dir = Path(args.resume) if args.resume else default_run_dir(cfg)
-    result = run_in_dir(cfg, run_dir, resume=bool(args.resume), verbose=True)
+    try:
+        result = run_in_dir(cfg, run_dir, resume=bool(args.resume), verbose=True)
+    except CheckpointError as exc:  # every generation damaged: name the run and the files, no traceback
+        print(f"error: cannot resume {run_dir}: {exc}", file=sys.stderr)
+        return 2
     print(json.dumps(result.summary, indent=2, default=float))
     print(f"per-round metrics: {run_dir / 'metrics.jsonl'}")
     return 0

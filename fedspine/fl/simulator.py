@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import json
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -279,12 +280,15 @@ def run(
 ) -> RunResult:
     """Run the rounds of ``cfg`` and return per-round records and a summary.
 
-    With ``checkpoint_dir`` a checkpoint is written atomically every ``cfg.checkpoint_every``
-    rounds; ``resume=True`` continues from it and ends with exactly the records an
+    With ``checkpoint_dir`` a checkpoint is written atomically at round 0 and every
+    ``cfg.checkpoint_every`` rounds (``fl/checkpoint.py``, docs/checkpoints.md); ``resume=True``
+    continues from the newest one that verifies and ends with exactly the records an
     uninterrupted run would have. ``stop_after`` ends early after that round (to test resume).
     ``runner`` runs the client steps elsewhere (Flower); the loop is the same.
     """
     start = time.perf_counter()
+    if checkpoint_dir is not None and not resume:  # a kill while this run builds its World must
+        checkpoint.clear(checkpoint_dir)  # not resume a previous run's generations
     sim = Simulation(cfg, runner=runner)
     out = RunResult()
     if verbose:
@@ -292,12 +296,18 @@ def run(
 
         world = sim.world
         print(format_stats(world.partition_stats, label_names=world.data.label_names, max_devices=10))
+    restored = False
     if resume:
         if checkpoint_dir is None:
             raise ValueError("resume needs checkpoint_dir")
-        out.records = sim.restore(*checkpoint.load(checkpoint_dir))
+        try:
+            out.records, restored = sim.restore(*checkpoint.load(checkpoint_dir)), True
+        except checkpoint.NoCheckpoint as exc:  # killed before round 0 was saved: nothing is lost
+            warnings.warn(f"{exc}; starting from round 0", checkpoint.CheckpointWarning, stacklevel=2)
         if logger is not None:
             logger.replace(out.records)
+    if checkpoint_dir is not None and not restored:  # round 0: a kill in round 1 resumes from here
+        checkpoint.save(checkpoint_dir, *sim.checkpoint_state(out.records))
     progress = _progress(cfg.train.rounds, enabled=cfg.log.progress)
     progress.update(sim.round)
     while sim.round < cfg.train.rounds and (stop_after is None or sim.round < stop_after):
