@@ -3,6 +3,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+from masking import zero_removed
 from tiny_models import tiny_bert, tiny_llama
 
 from fedspine.pruning import (
@@ -29,36 +30,11 @@ def _keep_positions(name, layer):
     return heads, chans
 
 
-def _zero_removed(model, positions, group, head_dim):
-    """Zero every weight a removed head / channel owns, written out independently of the library."""
-    with torch.no_grad():
-        for lr, (heads, chans) in zip(layer_roles(model), positions, strict=True):
-            n_heads = lr.q.out_features // head_dim
-            for h in sorted(set(range(n_heads)) - set(heads)):
-                rows = slice(h * head_dim, (h + 1) * head_dim)
-                lr.q.weight[rows] = 0
-                lr.o.weight[:, rows] = 0
-                if lr.q.bias is not None:
-                    lr.q.bias[rows] = 0
-                if h % group == 0:  # the KV head of a fully removed group
-                    kv = slice(h // group * head_dim, (h // group + 1) * head_dim)
-                    for m in (lr.k, lr.v):
-                        m.weight[kv] = 0
-                        if m.bias is not None:
-                            m.bias[kv] = 0
-            drop = sorted(set(range(lr.mlp_in[0].out_features)) - set(chans))
-            for m in lr.mlp_in:
-                m.weight[drop] = 0
-                if m.bias is not None:
-                    m.bias[drop] = 0
-            lr.mlp_out.weight[:, drop] = 0
-
-
 def test_prune_is_exact_when_removed_units_were_zeroed(tiny_model, ids):
     name, model = tiny_model
     shape = arch_shape(model)
     positions = [_keep_positions(name, i) for i in range(shape.num_layers)]
-    _zero_removed(model, positions, shape.group_size, shape.head_dim)
+    zero_removed(model, positions, shape.group_size, shape.head_dim)
     with torch.no_grad():
         before = model(ids).logits
     kept = prune_model(model, KeptIndexMap.full(shape), positions)
