@@ -17,6 +17,8 @@ from transformers import (
     MistralForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
     RobertaConfig,
     RobertaForSequenceClassification,
 )
@@ -66,6 +68,21 @@ def tiny_qwen2(kv_heads: int = 2, seed: int = 0, **config: Any) -> Qwen2ForCausa
     return _random_biases(model, seed).eval()
 
 
+def tiny_qwen3(kv_heads: int = 2, seed: int = 0, **config: Any) -> Qwen3ForCausalLM:
+    """Qwen3: an RMSNorm over head_dim on q and k (weights made random here); head_dim is explicit
+    in its config (default 128)."""
+    torch.manual_seed(seed)
+    model = Qwen3ForCausalLM(
+        Qwen3Config(**{**_DECODER, "num_key_value_heads": kv_heads, "head_dim": 16, **config})
+    )
+    g = torch.Generator().manual_seed(seed + 1000)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm):
+                norm.weight.add_(0.3 * torch.randn(norm.weight.shape, generator=g))
+    return model.eval()
+
+
 def tiny_mistral(kv_heads: int = 2, seed: int = 0, **config: Any) -> MistralForCausalLM:
     """Mistral with no sliding window (shorter than the window it would be plain causal anyway)."""
     torch.manual_seed(seed)
@@ -92,5 +109,6 @@ TINY: dict[str, Callable[..., nn.Module]] = {
     "roberta": tiny_roberta,
     "llama": tiny_llama,
     "qwen2": tiny_qwen2,
+    "qwen3": tiny_qwen3,
     "mistral": tiny_mistral,
 }

@@ -4,8 +4,9 @@
 ``fedspine.lora.attach`` (its default LoRA targets) all read it, so they cannot disagree; any
 other ``model_type`` is refused by :func:`family_of`, naming it and the supported list.
 
-Two families, five model types: ``bert`` (BERT, RoBERTa) and ``llama`` (LLaMA, Qwen2 with q/k/v
-biases, Mistral). ``Family.name`` is the family, ``Family.model_type`` the HF model type.
+Two families, six model types: ``bert`` (BERT, RoBERTa) and ``llama`` (LLaMA, Qwen2 with q/k/v
+biases, Qwen3 with per-head q/k norms, Mistral). ``Family.name`` is the family,
+``Family.model_type`` the HF model type.
 
 A family knows where each layer's modules are, by *role* (q, k, v, o, mlp_in, mlp_out), how big
 the model is now (``arch_shape``), how to make the HF config and the attention modules'
@@ -51,6 +52,7 @@ class Family:
     layer_prefixes: tuple[str, ...] = ()  # candidate paths of the layer list, first match wins
     role_paths: dict[str, tuple[str, ...]] = {}  # role -> module paths inside one layer
     causal_lm: bool = False
+    heads_by_hand: bool = False  # remove heads without the DependencyGraph even without GQA
 
     # --- locating modules ------------------------------------------------------------------------
     def layer_prefix(self, model: nn.Module) -> str:
@@ -272,8 +274,25 @@ class MistralFamily(LlamaFamily):
         return True  # MistralConfig keeps head_dim explicit and does not check hidden % heads
 
 
+class Qwen3Family(LlamaFamily):
+    """Qwen3: LLaMA's layer with an RMSNorm over ``head_dim`` on q and k (``q_norm``/``k_norm``).
+
+    That norm's weight is shared by every head, so removing heads leaves it as it is; but
+    torch-pruning's graph couples it to the q rows, so heads are cut by hand (``heads_by_hand``).
+    ``Qwen3Config`` keeps ``head_dim`` explicit and checks no hidden % heads.
+    """
+
+    model_type = "qwen3"
+    modeling = "transformers.models.qwen3.modeling_qwen3"
+    heads_by_hand = True
+
+    def plain_loadable(self, shape: ArchShape) -> bool:
+        return True
+
+
 FAMILIES: dict[str, Family] = {
-    f.model_type: f for f in (BertFamily(), RobertaFamily(), LlamaFamily(), Qwen2Family(), MistralFamily())
+    f.model_type: f
+    for f in (BertFamily(), RobertaFamily(), LlamaFamily(), Qwen2Family(), Qwen3Family(), MistralFamily())
 }
 
 

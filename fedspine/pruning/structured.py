@@ -220,7 +220,9 @@ def prune_model(
     each group it returns is exactly the role table (q/k/v rows + o columns for a head; MLP input
     rows + output columns for a channel) and refuse anything touching other modules. Under GQA
     torch-pruning couples query heads to KV heads with the wrong indices, so whole KV groups are
-    removed by hand with torch-pruning's low-level ``prune_linear_{out,in}_channels``.
+    removed by hand with torch-pruning's low-level ``prune_linear_{out,in}_channels``; so are the
+    heads of families with a per-head norm (``Family.heads_by_hand``: Qwen3's q/k norms, whose
+    weight torch-pruning couples to the q rows although every head shares it).
     """
     fam = family_of(model)
     _refuse_peft(model)
@@ -254,16 +256,16 @@ def prune_model(
         )
 
     layers = fam.layers(model)
-    gqa = g > 1
-    need_dg = any(ch or (units and not gqa) for units, ch in removals)
+    by_hand = g > 1 or fam.heads_by_hand  # heads cut without the DependencyGraph
+    need_dg = any(ch or (units and not by_hand) for units, ch in removals)
     if need_dg:
         dg, names = _build_graph(model, fam)
         for lr, (units, ch) in zip(layers, removals, strict=True):
             if ch:
                 _prune_coupled(dg, names, _channel_table(lr, ch))
-            if units and not gqa:
+            if units and not by_hand:
                 _prune_coupled(dg, names, _head_table(lr, _expand(units, cur.head_dim)))
-    if gqa:
+    if by_hand:
         for lr, (units, _) in zip(layers, removals, strict=True):
             if units:
                 q_rows, kv_rows = _expand(units, g * cur.head_dim), _expand(units, cur.head_dim)

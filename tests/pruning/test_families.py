@@ -10,7 +10,7 @@ import pytest
 import torch
 from masking import mask_like
 from peft.tuners.lora import LoraLayer
-from tiny_models import TINY, VOCAB, tiny_bert, tiny_llama, tiny_qwen2, tiny_roberta
+from tiny_models import TINY, VOCAB, tiny_bert, tiny_llama, tiny_qwen2, tiny_qwen3, tiny_roberta
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, GPT2Config, GPT2LMHeadModel
 
 from fedspine.lora import DEFAULT_TARGETS, attach
@@ -27,13 +27,16 @@ from fedspine.pruning import (
 )
 from fedspine.pruning.export import FALLBACK, META_FILE, PLAIN
 
-SUPPORTED = "['bert', 'llama', 'mistral', 'qwen2', 'roberta']"
-# model type (+ variant) -> a fresh tiny model; qwen2 in both attention layouts (its MHA heads go
-# through torch-pruning's DependencyGraph with their biases, GQA groups are cut by hand).
+SUPPORTED = "['bert', 'llama', 'mistral', 'qwen2', 'qwen3', 'roberta']"
+# model type (+ variant) -> a fresh tiny model; Qwen2 and Qwen3 in both attention layouts (Qwen2's
+# MHA heads go through torch-pruning's DependencyGraph with their biases, GQA groups and Qwen3's
+# heads are cut by hand).
 VARIANTS = {
     "roberta": tiny_roberta,
     "qwen2-gqa": lambda: tiny_qwen2(2),
     "qwen2-mha": lambda: tiny_qwen2(4),
+    "qwen3-gqa": lambda: tiny_qwen3(2),
+    "qwen3-mha": lambda: tiny_qwen3(4),
     "mistral-gqa": TINY["mistral"],
 }
 
@@ -52,7 +55,7 @@ def _logits(model, ids):
 
 
 def test_the_registry_is_the_one_list_and_every_entry_is_tested():
-    assert sorted(FAMILIES) == sorted(TINY) == ["bert", "llama", "mistral", "qwen2", "roberta"]
+    assert sorted(FAMILIES) == sorted(TINY) == ["bert", "llama", "mistral", "qwen2", "qwen3", "roberta"]
     assert {f.name for f in FAMILIES.values()} == set(DEFAULT_TARGETS) == {"bert", "llama"}
     for model_type, fam in FAMILIES.items():
         model = TINY[model_type]()
@@ -121,7 +124,7 @@ def test_pruned_equals_masked_unpruned_and_export_reloads(variant, ratio, tmp_pa
     meta = json.loads((tmp_path / META_FILE).read_text())
     assert KeptIndexMap.from_dict(meta["kept_map"]) == kept
     # RoBERTa derives head size from hidden / heads (as BERT does): pruned heads need load_pruned.
-    # Qwen2 and Mistral keep head_dim in the config and check nothing else: always plain.
+    # Qwen2, Qwen3 and Mistral keep head_dim in the config and check nothing else: always plain.
     plain = not variant.startswith("roberta") or now.num_heads == full.num_heads
     assert meta["loader"] == (PLAIN if plain else FALLBACK)
     if plain:
