@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 from masking import zero_removed
-from tiny_models import tiny_bert, tiny_llama
+from tiny_models import tiny_bert, tiny_llama, tiny_qwen2
 
 from fedspine.pruning import (
     ArchShape,
@@ -196,3 +196,38 @@ def test_taylor_on_bert_needs_labels_in_the_calibration_batch(ids):
     kept, achieved = prune_to_ratio(model, 0.5, "taylor", calib={**batch, "labels": torch.tensor([0, 1])})
     assert model.config.num_attention_heads == 2 and achieved == pytest.approx(kept.sparsity(2))
     assert model(**batch).logits.shape == (2, 2)
+
+
+@pytest.mark.parametrize(
+    "make", [tiny_bert, lambda: tiny_llama(4), lambda: tiny_qwen2(4)], ids=["bert", "llama-mha", "qwen2-mha"]
+)
+def test_magnitude_and_taylor_equal_torch_prunings_group_importance(make, ids):
+    """Our criteria compute what torch-pruning's ``GroupMagnitudeImportance(p=2)`` (before our
+    square root) and ``GroupTaylorImportance`` compute over the DependencyGraph's groups, summed
+    over each head's rows; kept ours, see ``magnitude_importance``."""
+    import torch_pruning as tp
+
+    from fedspine.pruning import family_of
+    from fedspine.pruning.structured import _build_graph
+
+    model = make()
+    fam = family_of(model)
+    shape = arch_shape(model)
+    labels = {"labels": ids if fam.causal_lm else torch.tensor([0, 1])}
+    model.zero_grad()
+    model(input_ids=ids, **labels).loss.backward()  # eval mode, as taylor_importance runs it
+    dg, _ = _build_graph(model, fam)
+    mag = tp.importance.GroupMagnitudeImportance(p=2, group_reduction="sum", normalizer=None, bias=True)
+    tay = tp.importance.GroupTaylorImportance(group_reduction="sum", normalizer=None, bias=True)
+    ours_mag = unit_scores(model, "magnitude")
+    ours_tay = unit_scores(model, "taylor", calib={"input_ids": ids, **labels})
+    for i, lr in enumerate(layer_roles(model)):
+        heads = dg.get_pruning_group(lr.q, tp.prune_linear_out_channels, list(range(lr.q.out_features)))
+        chans = dg.get_pruning_group(
+            lr.mlp_in[0], tp.prune_linear_out_channels, list(range(shape.intermediate_size))
+        )
+        per_head = lambda rows: rows.view(shape.num_heads, -1).sum(1).double().numpy()  # noqa: E731
+        np.testing.assert_allclose(per_head(mag(heads)) ** 0.5, ours_mag.heads[i], rtol=1e-5)
+        np.testing.assert_allclose(mag(chans).double().numpy() ** 0.5, ours_mag.channels[i], rtol=1e-5)
+        np.testing.assert_allclose(per_head(tay(heads)), ours_tay.heads[i], rtol=1e-4)
+        np.testing.assert_allclose(tay(chans).double().numpy(), ours_tay.channels[i], rtol=1e-4)
