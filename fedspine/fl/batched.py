@@ -68,7 +68,9 @@ from fedspine.pruning.structured import UnitScores, plan_counts, select_units
 
 # Where each family's MLP activation lives, relative to a layer: the channel mask is applied to
 # its output (for LLaMA act(gate) * up, zeroing act(gate) zeroes the product, and up's removed
-# rows get zero gradients just the same).
+# rows get zero gradients just the same). Keyed by ``Family.name``, so every model type of a
+# family in ``fedspine.pruning.arch.FAMILIES`` batches (RoBERTa as BERT; Qwen2, Qwen3, Mistral
+# as LLaMA; tests/fl/test_batched.py checks each against the per-device path).
 _ACTIVATION = {"bert": ("intermediate", "intermediate_act_fn"), "llama": ("mlp", "act_fn")}
 BATCHED_FAMILIES = ("bert", "llama")
 # Models whose forward runs packed (real tokens only; the others run padded): the kind of head

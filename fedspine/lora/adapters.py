@@ -31,26 +31,13 @@ from peft.utils import ModulesToSaveWrapper
 from torch import nn
 
 from fedspine.lora.coords import LORA_A, LORA_B
+from fedspine.pruning.arch import FAMILIES, family_of
 
-#: Default LoRA targets per family: every prunable Linear of a block (attention and MLP).
-#: peft matches a string target as a *suffix* of the module path (``name == t or
-#: name.endswith("." + t)``). For BERT, ``"output.dense"`` therefore matches both
-#: ``attention.output.dense`` and the block's ``output.dense``, but never ``pooler.dense``
-#: (the suffix is just ``dense``) nor ``cls.predictions.transform.dense``; a test pins the set.
-DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
-    "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-    "bert": ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"),
-}
-
-#: HF ``config.model_type`` -> family whose module names it shares.
-FAMILY_OF_MODEL_TYPE: dict[str, str] = {
-    "llama": "llama",
-    "mistral": "llama",
-    "qwen2": "llama",
-    "qwen3": "llama",
-    "bert": "bert",
-    "roberta": "bert",
-}
+#: Default LoRA targets per family (``"bert"``, ``"llama"``): every prunable Linear of a block
+#: (attention and MLP). Read from the one model-family registry,
+#: :data:`fedspine.pruning.arch.FAMILIES` (``Family.lora_targets``), which also says which HF
+#: ``model_type`` belongs to which family.
+DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {f.name: f.lora_targets for f in FAMILIES.values()}
 
 #: Task heads that stay fully trainable (``modules_to_save``) for classification models:
 #: BERT-style models call it ``classifier``, LLaMA-style ``score``.
@@ -63,17 +50,6 @@ HEAD_NAMES: tuple[str, ...] = ("classifier", "score")
 #: alpha (s = alpha / r) would make a truncated global adapter change its effective scale on
 #: every device. The factor 2 is the common "alpha = 2r" heuristic.
 ALPHA_PER_RANK = 2.0
-
-
-def family_of(model: nn.Module) -> str:
-    """The target-name family (``"llama"`` / ``"bert"``) of an HF model, from ``config.model_type``."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in FAMILY_OF_MODEL_TYPE:
-        raise ValueError(
-            f"model_type {model_type!r} has no default LoRA targets; pass family= one of "
-            f"{sorted(DEFAULT_TARGETS)} or targets= explicitly"
-        )
-    return FAMILY_OF_MODEL_TYPE[model_type]
 
 
 def attach(
@@ -91,7 +67,8 @@ def attach(
     LoRA shapes follow the model's current Linear shapes, so attaching after pruning gives the
     device's narrow adapter. ``alpha`` defaults to ``ALPHA_PER_RANK * rank`` (scaling 2 for every
     rank; see :data:`ALPHA_PER_RANK`). ``targets`` defaults to :data:`DEFAULT_TARGETS` of
-    ``family`` (itself read from ``config.model_type`` when None). Sequence- and
+    ``family`` (when None, the family of ``config.model_type`` in the registry
+    :data:`fedspine.pruning.arch.FAMILIES`; other model types are refused). Sequence- and
     token-classification heads (``classifier`` / ``score``) stay trainable via
     ``modules_to_save``. peft draws lora_A from torch's RNG; we draw it inside a forked RNG seeded
     with ``seed`` so attaching is deterministic and leaves the global RNG as it was. lora_B starts
@@ -111,10 +88,16 @@ def attach(
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
     if targets is None:
-        fam = family_of(model) if family is None else family
-        if fam not in DEFAULT_TARGETS:
-            raise ValueError(f"family must be one of {sorted(DEFAULT_TARGETS)}, got {fam!r}")
-        targets = DEFAULT_TARGETS[fam]
+        if family is None:
+            try:
+                family = family_of(model).name
+            except ValueError as e:
+                raise ValueError(
+                    f"{e}; to attach LoRA anyway pass family= one of {sorted(DEFAULT_TARGETS)} or targets="
+                ) from None
+        if family not in DEFAULT_TARGETS:
+            raise ValueError(f"family must be one of {sorted(DEFAULT_TARGETS)}, got {family!r}")
+        targets = DEFAULT_TARGETS[family]
     elif isinstance(targets, str) or not targets:
         raise ValueError(f"targets must be a non-empty sequence of module-name suffixes, got {targets!r}")
 

@@ -3,10 +3,15 @@
 ``export_for_deployment`` writes ``save_pretrained`` safetensors, the tokenizer and
 ``fedspine_pruning.json`` (the kept map and which loader the directory needs). A plain HF config
 can describe most pruned models, and then ``AutoModel*.from_pretrained(path)`` is all a device
-needs. It cannot describe:
+needs (every model type of ``fedspine.pruning.arch.FAMILIES`` says when, ``plain_loadable``).
+It cannot describe:
 
-* BERT with pruned heads: transformers 5 derives the head size as hidden / num_attention_heads;
+* BERT and RoBERTa with pruned heads: transformers 5 derives the head size as
+  hidden / num_attention_heads;
 * LLaMA whose head count does not divide hidden (``LlamaConfig`` validates hidden % heads == 0).
+
+Qwen2, Qwen3 and Mistral keep ``head_dim`` in the config and check nothing else, so every
+uniformly pruned shape of theirs reloads with plain ``from_pretrained``.
 
 For those the directory holds the *original* architecture's config, and ``load_pruned`` builds
 that model, shrinks it with the saved kept map and loads the weights (ours).
@@ -67,6 +72,7 @@ def export_for_deployment(
     meta = {
         "format": 1,
         "family": fam.name,
+        "model_type": fam.model_type,
         "loader": PLAIN if plain else FALLBACK,
         "note": (
             "load with AutoModel*.from_pretrained(path)"
