@@ -179,6 +179,12 @@ class LogConfig:
     wandb: str = "disabled"  # disabled | offline | online
     wandb_project: str = "fedspine"
     progress: bool = True
+    # The global adapter (original coordinates, rank r_max, the head included) as a peft adapter
+    # directory, <run dir>/adapters/round-NNNN, after each of these rounds; with
+    # save_adapter_final also <run dir>/adapters/final after the last round. It loads with
+    # PeftModel.from_pretrained on the unpruned base (fedspine.fl.simulator, README).
+    save_adapter_rounds: tuple[int, ...] = ()
+    save_adapter_final: bool = False
 
 
 @dataclass(frozen=True)
@@ -285,6 +291,19 @@ def validate(cfg: RunConfig) -> RunConfig:
     need(agg is None or agg in rules, "strategy.aggregation", f"None or one of {rules}", agg)
     need(cfg.eval.every >= 1, "eval.every", ">= 1", cfg.eval.every)
     need(cfg.log.wandb in WANDB_MODES, "log.wandb", f"one of {list(WANDB_MODES)}", cfg.log.wandb)
+    saves = cfg.log.save_adapter_rounds
+    need(
+        all(isinstance(r, int) and not isinstance(r, bool) and 1 <= r <= t.rounds for r in saves),
+        "log.save_adapter_rounds",
+        f"round numbers in [1, train.rounds = {t.rounds}]",
+        saves,
+    )
+    need(
+        isinstance(cfg.log.save_adapter_final, bool),
+        "log.save_adapter_final",
+        "true or false",
+        cfg.log.save_adapter_final,
+    )
     need(cfg.checkpoint_every >= 1, "checkpoint_every", ">= 1", cfg.checkpoint_every)
     return cfg
 

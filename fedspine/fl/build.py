@@ -26,7 +26,12 @@ def check(cfg: RunConfig) -> RunConfig:
     space = ArmSpace.grid(list(cfg.arms.ratios), list(cfg.arms.ranks))
     strategy = STRATEGIES[s.name](StrategyContext(space, {}, cfg.seed, s.params))
     rule = s.aggregation or strategy.aggregation
-    get_aggregator(rule)
+    if get_aggregator(rule).changes_base and (cfg.log.save_adapter_rounds or cfg.log.save_adapter_final):
+        raise ValueError(
+            f"log.save_adapter_rounds / log.save_adapter_final cannot save the global model of aggregation "
+            f"rule {rule!r} as a peft adapter: it folds each round into the base weights, which an adapter "
+            "does not hold; use another rule or leave both unset"
+        )
     t = cfg.train
     if t.runner == "batched":
         # what fedspine.fl.batched.batchable refuses, said before anything loads

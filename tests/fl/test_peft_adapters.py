@@ -1,0 +1,72 @@
+"""The global adapter as a plain peft adapter: saved by the run at chosen rounds, loaded with
+``PeftModel.from_pretrained`` on the unpruned base, it scores what the simulator recorded."""
+
+import copy
+
+import pytest
+import torch
+from peft import PeftModel
+
+from fedspine.config import load_config
+from fedspine.fl import checkpoint
+from fedspine.fl.build import check
+from fedspine.fl.simulator import Simulation, run, run_in_dir
+from fedspine.fl.world import World
+
+BASE = [
+    "log.progress=false",
+    "fleet.devices=6",
+    "train.rounds=3",
+    "train.local_steps=4",
+    "train.prune_interval=2",
+    "data.max_examples=400",
+    "train.lr=0.01",  # so that the global accuracy moves between rounds 2 and 3 (0.55, 0.625)
+    "arms.ranks=[2,4]",
+]
+
+
+def _logits(model, data):
+    with torch.no_grad():
+        model.eval()
+        return model(input_ids=data["input_ids"], attention_mask=data["attention_mask"]).logits
+
+
+def test_saved_global_adapters_load_with_plain_peft_and_give_the_recorded_accuracy(tmp_path):
+    cfg = load_config(None, [*BASE, "log.save_adapter_rounds=[2]", "log.save_adapter_final=true"])
+    result = run_in_dir(cfg, tmp_path)
+    adapters = tmp_path / "adapters"
+    assert sorted(p.name for p in adapters.iterdir()) == ["final", "round-0002"]
+    accs = [r["accuracy"] for r in result.records]
+    assert accs[1] != accs[2]  # else equal accuracies below would not tell the adapters apart
+    world = World.build(cfg)  # the unpruned base, rebuilt from the config alone
+    for name, rnd in (("round-0002", 2), ("final", 3)):
+        model = PeftModel.from_pretrained(copy.deepcopy(world.model0), adapters / name)
+        assert model.peft_config["default"].r == 4  # r_max: the global adapter's rank
+        got = world.task.evaluate(model, world.data.test)["accuracy"]
+        assert got == accs[rnd - 1], name
+
+    # logits: the reloaded final adapter against the simulator's own global model at round 3
+    sim = Simulation(cfg, world=world)
+    sim.restore(*checkpoint.load(tmp_path / "checkpoint"))
+    final = PeftModel.from_pretrained(copy.deepcopy(world.model0), adapters / "final")
+    expected = _logits(sim.global_model(), world.data.test)
+    torch.testing.assert_close(_logits(final, world.data.test), expected, rtol=0, atol=1e-6)
+    early = PeftModel.from_pretrained(copy.deepcopy(world.model0), adapters / "round-0002")
+    assert not torch.allclose(_logits(early, world.data.test), expected)  # round 2 is not round 3
+
+
+def test_adapter_saving_is_checked_before_any_work():
+    with pytest.raises(
+        ValueError, match=r"log.save_adapter_rounds must be round numbers in \[1, train.rounds = 3\]"
+    ):
+        load_config(None, [*BASE, "log.save_adapter_rounds=[0]"])
+    with pytest.raises(ValueError, match=r"log.save_adapter_rounds must be .*got \(2, 4\)"):
+        load_config(None, [*BASE, "log.save_adapter_rounds=[2,4]"])
+    with pytest.raises(ValueError, match="log.save_adapter_final must be bool"):
+        load_config(None, [*BASE, "log.save_adapter_final=maybe"])
+    flora = load_config(None, [*BASE, "strategy.name=flora", "log.save_adapter_final=true"])
+    with pytest.raises(ValueError, match="rule 'flora' as a peft adapter: it folds each round into the base"):
+        check(flora)
+    assert check(load_config(None, [*BASE, "strategy.name=flora"]))  # fine without saving
+    with pytest.raises(ValueError, match="need adapter_dir"):
+        run(load_config(None, [*BASE, "log.save_adapter_final=true"]))
