@@ -263,12 +263,23 @@ class Simulation:
             )
         return save_adapter(self.global_model(), path)
 
-    def evaluate_device(self, device: str, pruned: nn.Module) -> float:
-        """A device's own ``pruned`` model with the global adapter projected onto what it kept."""
+    def device_model(self, device: str, pruned: nn.Module | None = None) -> nn.Module:
+        """A copy of a device's own pruned model (default: the runner's) with the global adapter
+        projected onto what it kept, at r_max. ``fedspine.pruning.export_for_deployment(model,
+        path, kept_map=self.server.kept_map(device), adapter=True)`` writes it as a pruned base
+        plus a peft adapter."""
+        if pruned is None:
+            models = self.runner.device_models()
+            if device not in models:
+                raise ValueError(f"device {device!r} has no model in this process; here: {sorted(models)}")
+            pruned = models[device]
         rank = self.server.r_max
         dist = self.server.rule.distribute(self.server.state, self.server.slices(device), rank)
-        model = self._with_adapter(copy.deepcopy(pruned), rank, dist)
-        return self.world.task.evaluate(model, self.world.data.test)["accuracy"]
+        return self._with_adapter(copy.deepcopy(pruned), rank, dist)
+
+    def evaluate_device(self, device: str, pruned: nn.Module) -> float:
+        """The accuracy of :meth:`device_model` on the test set."""
+        return self.world.task.evaluate(self.device_model(device, pruned), self.world.data.test)["accuracy"]
 
 
 def default_runner(cfg: RunConfig, world: World) -> DeviceRunner:
