@@ -348,6 +348,49 @@ def config_from_mapping(raw: Mapping[str, Any], overrides: Mapping[str, Any] | N
     return validate(from_mapping(RunConfig, raw, ""))
 
 
+def field_defaults(cls: type = RunConfig, where: str = "") -> dict[str, Any]:
+    """Every field's full name (``"train.lr"``) and default, sections flattened, in declaration
+    order: what ``fedspine run --help`` lists and the README's configuration tables hold."""
+    out: dict[str, Any] = {}
+    defaults = cls()
+    for f in dataclasses.fields(cls):
+        value = getattr(defaults, f.name)
+        if dataclasses.is_dataclass(value):
+            out.update(field_defaults(type(value), f"{where}{f.name}."))
+        else:
+            out[f"{where}{f.name}"] = value
+    return out
+
+
+class _Dumper(yaml.SafeDumper):
+    """Block style for sections, flow style for lists (``ranks: [4, 8, 16]``)."""
+
+
+_Dumper.add_representer(
+    list, lambda dumper, value: dumper.represent_sequence("tag:yaml.org,2002:seq", value, flow_style=True)
+)
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    """The whole config as YAML, every default written out; ``load_config`` reads it back to ``cfg``."""
+    return yaml.dump(_plain(cfg.to_dict()), Dumper=_Dumper, sort_keys=False, width=100)
+
+
+def yaml_value(value: Any) -> str:
+    """One value as it is written in a YAML file or an ``a.b=value`` override (``null``, ``[4, 8]``)."""
+    text = yaml.safe_dump(_plain(value), default_flow_style=True, width=10_000).strip()
+    return text.removesuffix("...").strip()
+
+
+def _plain(value: Any) -> Any:
+    """Tuples as lists, recursively (YAML's safe dumper knows no tuples)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
 def from_mapping(cls: type, raw: Any, where: str) -> Any:
     """The dataclass ``cls`` from a nested mapping: unknown fields, wrong types and bad values are
     refused with the field's full name (``where`` + field, e.g. ``"strategy.params."``)."""

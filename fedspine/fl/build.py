@@ -13,6 +13,8 @@ allowed. numpy only.
 
 from __future__ import annotations
 
+import dataclasses
+
 from fedspine.bandit import ArmSpace
 from fedspine.config import RunConfig, validate
 from fedspine.fl.strategies import STRATEGIES, StrategyContext
@@ -53,4 +55,13 @@ def check(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
-__all__ = ["check"]
+def effective(cfg: RunConfig) -> RunConfig:
+    """``cfg``, checked, with ``strategy.params`` written out in full: the strategy's typed
+    params with every default (what ``fedspine config show`` prints). It runs exactly as ``cfg``.
+    ``strategy.aggregation`` stays as given: filled in, it would outlive a change of strategy."""
+    check(cfg)
+    params = dataclasses.asdict(STRATEGIES[cfg.strategy.name].parse_params(cfg.strategy.params))
+    return dataclasses.replace(cfg, strategy=dataclasses.replace(cfg.strategy, params=params))
+
+
+__all__ = ["check", "effective"]
