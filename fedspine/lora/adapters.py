@@ -243,24 +243,16 @@ def load(peft_model: PeftModel, tensors: Mapping[str, np.ndarray], *, strict: bo
 
 def save_adapter(peft_model: PeftModel, path: str | Path) -> Path:
     """Write the active adapter as a peft adapter directory, loadable with plain peft on the
-    same (pruned or unpruned) base: ``PeftModel.from_pretrained(base, path)``.
+    same (pruned or unpruned) base: ``PeftModel.from_pretrained(base, path)``. Returns it.
 
-    peft's own ``save_pretrained`` (safetensors, ``adapter_config.json``, a model card) with the
-    files at ``path`` itself whatever the adapter's name; heads kept through ``modules_to_save``
-    are in it, so a classifier loads with its trained head.
+    peft's own ``save_pretrained`` (safetensors, ``adapter_config.json``, a model card). Heads
+    kept through ``modules_to_save`` are in it, so a classifier loads with its trained head.
+    peft puts an adapter not named ``"default"`` (``attach``'s) in a subfolder of its name.
     """
     _hf_model(peft_model)
-    out = Path(path)
     name = peft_model.active_adapter
-    with warnings.catch_warnings():
-        # peft 0.21 calls a property transformers 5.x deprecated; not actionable for our users.
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
-        peft_model.save_pretrained(out, selected_adapters=[name], save_embedding_layers=False)
-    if name != "default":  # peft puts a non-default adapter in a subfolder of its name
-        for f in (out / name).iterdir():
-            f.replace(out / f.name)
-        (out / name).rmdir()
-    return out
+    peft_model.save_pretrained(path, selected_adapters=[name], save_embedding_layers=False)
+    return Path(path) if name == "default" else Path(path) / name
 
 
 def adapter_shapes(peft_model: PeftModel) -> dict[str, tuple[int, int]]:
