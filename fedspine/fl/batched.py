@@ -16,7 +16,7 @@ How (ours):
   group's largest rank, zero outside its kept rows/columns and beyond its rank; those zeros get
   zero gradients, so they stay zero. The update runs as two batched matmuls per module; the
   scaling is the same for every rank (``ALPHA_PER_RANK``).
-- **Real tokens only** (``PACKING``: BERT and LLaMA heads). The token-wise work (every Linear,
+- **Real tokens only** (``PACKING``: the BERT- and LLaMA-family heads). The token-wise work (every Linear,
   norm, activation, dropout and LoRA) runs on the packed real tokens of the K devices, each
   device's block padded only to the group's largest real-token count, not every sequence to
   the batch's width (on Rotten Tomatoes at length 48 about 45% of the padded positions are
@@ -76,8 +76,9 @@ BATCHED_FAMILIES = ("bert", "llama")
 # Models whose forward runs packed (real tokens only; the others run padded): the kind of head
 PACKING = {
     "BertForSequenceClassification": "bert",
-    "LlamaForSequenceClassification": "llama",
-    "LlamaForCausalLM": "causal-lm",
+    "RobertaForSequenceClassification": "roberta",
+    **{f"{m}ForSequenceClassification": "llama" for m in ("Llama", "Qwen2", "Qwen3", "Mistral")},
+    **{f"{m}ForCausalLM": "causal-lm" for m in ("Llama", "Qwen2", "Qwen3", "Mistral")},
 }
 ATTENTION = "fedspine_batched"  # the attention function of the shared base (dropout from our stream)
 
@@ -194,9 +195,16 @@ class _Packed:
         return lookup[padded_index]
 
 
-def _pack(ids: torch.Tensor, mask: torch.Tensor, sizes: list[int], pad_id: int) -> _Packed:
+def _pack(
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    sizes: list[int],
+    pad_id: int,
+    positions: torch.Tensor | None = None,
+) -> _Packed:
     """The packed layout of a concatenated ``(K * rows, width)`` batch; only the first
-    ``sizes[i]`` rows of device i's block are real."""
+    ``sizes[i]`` rows of device i's block are real. ``positions`` (same shape) are the position
+    ids the model would give each token (default: its index in the row)."""
     k = len(sizes)
     rows = ids.shape[0] // k
     width = ids.shape[1]
@@ -212,7 +220,7 @@ def _pack(ids: torch.Tensor, mask: torch.Tensor, sizes: list[int], pad_id: int) 
         to_padded[i, : where.numel()] = where + i * rows * width
     to_padded = to_padded.view(-1)
     ids_ext = torch.cat([ids.reshape(-1), torch.full((1,), pad_id, dtype=ids.dtype)])
-    pos = torch.arange(width).repeat(k * rows)
+    pos = torch.arange(width).repeat(k * rows) if positions is None else positions.reshape(-1)
     pos_ext = torch.cat([pos, torch.zeros(1, dtype=pos.dtype)])
     key_valid = real.view(k * rows, width).clone()
     key_valid[:, 0] = True  # a row without tokens attends to its first slot: no all-masked softmax
@@ -241,8 +249,10 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
         query, key, value = (packed.scatter(t[0].transpose(0, 1)) for t in (query, key, value))
         valid = packed.key_valid[:, None, None, :]
         if causal:
-            w = packed.width
-            valid = valid & torch.ones(w, w, dtype=torch.bool, device=valid.device).tril()
+            at = torch.arange(packed.width, device=valid.device)
+            behind = at[:, None] - at[None, :]  # query position - key position
+            window = kwargs.get("sliding_window")
+            valid = valid & ((behind >= 0) if window is None else ((behind >= 0) & (behind < window)))
         attention_mask = valid
     rep = query.shape[1] // key.shape[1]
     key, value = repeat_kv(key, rep), repeat_kv(value, rep)
@@ -542,7 +552,11 @@ class BatchedTrainer:
         dev = self.device
         sizes = [len(b["input_ids"]) for b in batches]
         if self.packing is not None:
-            self._pass.packed = _pack(ids.view(-1, width), mask.view(-1, width), sizes, pad_id).to(dev)
+            ids2, positions = ids.view(-1, width), None
+            if self.packing == "roberta":  # RoBERTa's own rule: count non-pad ids from padding_idx + 1
+                real = ids2.ne(pad_id).to(torch.int64)
+                positions = torch.cumsum(real, dim=1) * real + pad_id
+            self._pass.packed = _pack(ids2, mask.view(-1, width), sizes, pad_id, positions).to(dev)
         out = {
             "input_ids": ids.view(-1, width).to(dev),
             "attention_mask": mask.view(-1, width).to(dev),
@@ -581,10 +595,11 @@ class BatchedTrainer:
         _PACKED[0] = pk
         try:
             ids, pos = pk.ids[None], pk.positions[None]
-            if self.packing == "bert":
-                bert = self.base.bert
-                emb = bert.embeddings(input_ids=ids, position_ids=pos, token_type_ids=torch.zeros_like(ids))
-                hidden = bert.encoder(emb, attention_mask=None).last_hidden_state
+            if self.packing in ("bert", "roberta"):
+                encoder = getattr(self.base, self.packing)
+                types = torch.zeros_like(ids)
+                emb = encoder.embeddings(input_ids=ids, position_ids=pos, token_type_ids=types)
+                hidden = encoder.encoder(emb, attention_mask=None).last_hidden_state
             else:
                 hidden = self.base.model(input_ids=ids, position_ids=pos).last_hidden_state
         finally:
@@ -593,7 +608,7 @@ class BatchedTrainer:
 
     def _packed_class_logits(self, batch: Batch, rows_total: int) -> torch.Tensor:
         """Classification logits ``(rows_total, C)`` from the packed forward, pooled as HF pools:
-        BERT at each row's first token (through the pooler), LLaMA at its last non-pad token."""
+        BERT / RoBERTa at each row's first token, LLaMA-style models at its last non-pad token."""
         pk = self._pass.packed
         hidden = self._packed_hidden()
         hidden = torch.cat([hidden, hidden.new_zeros(1, hidden.shape[-1])])  # the rows_of miss row
@@ -602,6 +617,8 @@ class BatchedTrainer:
             first = hidden[pk.rows_of(starts)]
             pooled = self.base.bert.pooler(first[:, None, :])
             return self.base.classifier(self.base.dropout(pooled))
+        if self.packing == "roberta":  # its classification head reads the first token itself
+            return self.base.classifier(hidden[pk.rows_of(starts)][:, None, :])
         nonpad = (batch["input_ids"] != self.pad_id).to(torch.int64)
         last = (torch.arange(pk.width, device=self.device) * nonpad).argmax(-1)
         return self.base.score(hidden[pk.rows_of(starts + last)])
