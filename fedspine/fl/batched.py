@@ -381,10 +381,9 @@ class BatchedTrainer:
             a, b = ps.lora[path]
             x = args[0].reshape(ps.k, -1, args[0].shape[-1])
             u = torch.bmm(x, a.transpose(1, 2).to(x.dtype))
-            y = torch.baddbmm(
-                out.reshape(ps.k, -1, out.shape[-1]), u, b.transpose(1, 2).to(x.dtype), alpha=self.scaling
-            )
-            return y.reshape(out.shape)
+            # in place: the frozen Linear's backward does not read its output, and no copy of it
+            out.view(ps.k, -1, out.shape[-1]).baddbmm_(u, b.transpose(1, 2).to(x.dtype), alpha=self.scaling)
+            return out
 
         return hook
 
@@ -713,12 +712,17 @@ class BatchedTrainer:
         """LoRA-gradient scores (``fedspine.pruning.lora_grad``) of the devices ``idx``, per row
         (out-axis modules) or column (in-axis), normalised per device and module, EMA'd."""
         sel = torch.as_tensor(idx, device=self.device)
+        every = len(idx) == ps.k  # then no gathers (copies) of the factors and gradients
+
+        def rows(t: torch.Tensor) -> torch.Tensor:
+            return t if every else t[sel]
+
         beta = LoRAGradientImportance().beta
         fresh = ps.fresh[idx].to(self.device)
         for path, (a, b) in ps.lora.items():
             role = self.role_of[path][1]
-            a_, b_ = a.detach()[sel], b.detach()[sel]
-            elem = lora_element_scores(self.w32[path], a_, b_, a.grad[sel], b.grad[sel], self.scaling)
+            a_, b_ = rows(a.detach()), rows(b.detach())
+            elem = lora_element_scores(self.w32[path], a_, b_, rows(a.grad), rows(b.grad), self.scaling)
             s = elem.sum(dim=2 if UNIT_AXIS[role] == "out" else 1)
             norm = torch.linalg.vector_norm(s, dim=1, keepdim=True)
             now = torch.where(norm > 0, s / torch.where(norm > 0, norm, 1.0), s)
