@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from peft import PeftModel
 from torch import nn
 
 from fedspine.bandit import ArmSpace
@@ -249,7 +250,7 @@ class Simulation:
     def evaluate_global(self) -> float:
         """The global model's accuracy (causal LM: next-token accuracy on the test answers); every
         metric is kept in ``last_metrics``."""
-        self.last_metrics = self.world.task.evaluate(self.global_model(), self.world.data.test)
+        self.last_metrics = self.world.task.evaluate(_merged(self.global_model()), self.world.data.test)
         return self.last_metrics["accuracy"]
 
     def save_global_adapter(self, path: str | Path) -> Path:
@@ -280,7 +281,14 @@ class Simulation:
 
     def evaluate_device(self, device: str, pruned: nn.Module) -> float:
         """The accuracy of :meth:`device_model` on the test set."""
-        return self.world.task.evaluate(self.device_model(device, pruned), self.world.data.test)["accuracy"]
+        model = _merged(self.device_model(device, pruned))
+        return self.world.task.evaluate(model, self.world.data.test)["accuracy"]
+
+
+def _merged(model: nn.Module) -> nn.Module:
+    """A peft model with its LoRA merged into the (copied) weights: the same function, evaluated
+    without the adapter's extra matmuls."""
+    return model.merge_and_unload() if isinstance(model, PeftModel) else model
 
 
 def default_runner(cfg: RunConfig, world: World) -> DeviceRunner:
