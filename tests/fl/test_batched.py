@@ -192,3 +192,51 @@ def test_precision_follows_the_cpu_flags():
             resolve_device("cuda")
     with pytest.raises(ValueError, match="train.precision"):
         check(config_from_mapping({"train": {"precision": "fp16"}}))
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        {"model__name": "tiny-bert"},
+        {"model__name": "tiny-llama"},
+        {"model__name": "tiny-llama", "model__task": "causal-lm"},
+    ],
+    ids=["bert", "llama", "llama-lm"],
+)
+def test_the_packed_forward_equals_the_padded_one(model):
+    """Real tokens only (``PACKING``) gives the padded forward's losses and factor gradients."""
+    cfg = _cfg(**model)
+    world = _world(cfg)
+    sim = Simulation(cfg, world=world)
+    ids = world.device_ids
+    ins = sim.server.configure(1, ids)
+    trainer = BatchedRunner(world, group_size=len(ids)).trainer(ins[ids[0]].config)
+    assert trainer.packing is not None
+    devs = [trainer._device(ins[d], sim.server.kept_map(d), world.local_data(d), ins[d].config) for d in ids]
+    ps = trainer._build_pass(devs)
+    trainer._pass = ps
+    batches = [next(d.data.batches(torch.Generator().manual_seed(j))) for j, d in enumerate(devs)]
+    lengths = torch.Generator().manual_seed(1)
+    for b in batches:  # right padding of various lengths (the synthetic texts fill max_length)
+        for row, n in enumerate(
+            torch.randint(3, b["input_ids"].shape[1] + 1, (len(b["input_ids"]),), generator=lengths)
+        ):
+            b["input_ids"][row, n:] = trainer.pad_id
+            b["attention_mask"][row, n:] = 0
+            if b["labels"].ndim == 2:
+                b["labels"][row, n:] = -100
+    factors = [t for ab in ps.lora.values() for t in ab]
+    got = {}
+    for packing in (trainer.packing, None):
+        trainer.packing = packing
+        batch, sizes = trainer._concat(batches)
+        losses = torch.stack(trainer._losses(batch, sizes, [("ce", None)] * len(devs)))
+        got[packing] = (losses.detach(), torch.autograd.grad(losses.sum(), factors))
+        if packing is not None:  # fewer token rows than the padded batch, every real token kept
+            assert ps.packed.ids.numel() < batch["input_ids"].numel()
+            assert ps.packed.per_device * len(devs) >= int(batch["attention_mask"].sum())
+    (lp, gp), (lu, gu) = got.values()
+    torch.testing.assert_close(lp, lu, rtol=1e-5, atol=1e-6)
+    for a, b in zip(gp, gu, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6 * float(b.abs().max()) + 1e-9)
+    trainer._pass = None
