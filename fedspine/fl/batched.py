@@ -701,7 +701,7 @@ class BatchedRunner:
         return self._trainer
 
     def execute(self, rnd: int, ins: Mapping[str, TrainIns], held: Mapping[str, KeptIndexMap]) -> dict:
-        from fedspine.fl.runners import Reply, failed_reply
+        from fedspine.fl.runners import LOG, Reply
 
         for d, kept in held.items():
             if self.kept.get(d) != kept:  # new, or its last round did not count: the server's view
@@ -726,8 +726,11 @@ class BatchedRunner:
                 seed = zlib.crc32(f"{ins[group[0]].seed}:{rnd}:dropout:{','.join(group)}".encode())
                 try:
                     trained = self.trainer(cfg).train(jobs, dropout_seed=seed)
-                except Exception as exc:  # one pass: which device raised is not known, all fail
-                    out.update({d: failed_reply(rnd, d, exc) for d in group})
+                except Exception as exc:  # which device raised is unknown: each alone, per device
+                    LOG.warning(
+                        "round %d: a batched pass raised %s: %s; per device", rnd, type(exc).__name__, exc
+                    )
+                    out.update({d: self._per_device(rnd, d, ins[d]) for d in group})
                     continue
                 for d, (res, kept) in zip(group, trained, strict=True):
                     self.kept[d] = kept

@@ -128,10 +128,13 @@ class Simulation:
 
     def deadline(self, expected: Mapping[str, float]) -> float:
         """The round's deadline: ``server.deadline_s``, or ``server.deadline_factor`` times the
-        slowest participant's ``expected`` (noise-free modelled) round time (ours)."""
+        slowest participant's ``expected`` (noise-free modelled) round time (ours). Measured
+        rounds without ``deadline_s`` have none of their own: they cost what they waited."""
         fixed = self.cfg.server.deadline_s
         if fixed is not None:
             return float(fixed)
+        if not self.runner.modelled:
+            return 0.0
         return self.cfg.server.deadline_factor * max(expected.values(), default=0.0)
 
     def work(self, kept: KeptIndexMap | None, ratio: float, rank: int):
@@ -187,7 +190,8 @@ class Simulation:
             reply = replies.get(d) or Reply(failure="no reply", timed_out=True)
             if reply.result is None:
                 failures.append(Failure(rnd, d, reply.failure or "no reply"))
-                waited.append(deadline if reply.timed_out else 0.0)
+                if reply.timed_out:
+                    waited.append(deadline if reply.measured_s is None else reply.measured_s)
             else:
                 got[d] = reply
         rejected: dict[str, str] = {}
