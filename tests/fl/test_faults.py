@@ -125,7 +125,18 @@ def test_every_corruption_is_rejected_with_its_reason_and_honest_updates_pass():
     assert server.screen([r], ins) == ([r], {})
 
 
-TOL = 0.1  # see test_each_fault_kind_at_20_percent_completes_finite_and_close_to_the_fault_free_run
+# The fastest tiny config we found (ours). It barely learns in 4 rounds: final accuracy 0.51, 0.59,
+# 0.51 for seeds 0-2 on 100 test examples.
+LEARN = [
+    *TINY,
+    "train.rounds=4",
+    "train.local_steps=8",
+    "train.prune_interval=4",
+    "train.lr=0.01",
+    "train.head_lr=0.05",
+    "data.max_examples=1000",
+]
+TOL = 0.1  # measured: see test_each_fault_kind_at_20_percent_completes_finite_and_close_to_the_fault_free_run
 
 
 @pytest.fixture(scope="module")
@@ -133,16 +144,17 @@ def fault_free():
     return run(load_config(None, LEARN)).records
 
 
-# The fastest tiny config that learns (ours): 1.0 -> ... over rounds; see the tolerance note below.
-LEARN = [*TINY, "train.rounds=4", "train.local_steps=8", "train.prune_interval=4", "train.lr=0.01"]
-
-
 @pytest.mark.parametrize("kind", KINDS)
 def test_each_fault_kind_at_20_percent_completes_finite_and_close_to_the_fault_free_run(kind, fault_free):
     """20% of device-rounds get ``kind``; the run completes, each fault is in its round's record
     (and a failure or rejection), the global state stays finite, and the final accuracy is
-    within TOL of the fault-free run's. TOL measured (see the report in docs/faults.md): over
-    seeds 0-3 the largest gap between a 20%-fault run and the fault-free run was <GAP>."""
+    within TOL of the fault-free run's.
+
+    TOL = 0.1, measured over seeds 0, 1, 2 and the four kinds (12 pairs; /tmp script in the
+    branch's report): the largest |final accuracy with faults - without| was 0.09 (seed 1), the
+    median 0.02. That is the fault-free run's own spread over seeds (0.51-0.59). On this config
+    accuracy stays near chance, so TOL catches a collapse, not a small loss; a poisoned global
+    state is caught by the finiteness and magnitude checks."""
     cfg = load_config(None, [*LEARN, f"faults.{kind}=0.2"])
     sim = Simulation(cfg)
     records = []
