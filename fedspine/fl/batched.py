@@ -903,11 +903,12 @@ class BatchedRunner:
         return self._trainer
 
     def execute(self, rnd: int, ins: Mapping[str, TrainIns], held: Mapping[str, KeptIndexMap]) -> dict:
-        from fedspine.fl.runners import Reply
+        from fedspine.fl.runners import LOG, Reply
 
-        for d in held:
-            self.kept.setdefault(d, KeptIndexMap.full(self.world.shape))
-            self.applied.setdefault(d, {})
+        for d, kept in held.items():
+            if self.kept.get(d) != kept:  # new, or its last round did not count: the server's view
+                self.kept[d], self.applied[d] = kept, {}
+                self._models.pop(d, None)
         out: dict[str, Any] = {}
         batch: dict[ClientConfig, list[str]] = {}
         for d, i in ins.items():
@@ -915,7 +916,7 @@ class BatchedRunner:
             if why and self.only_batched:
                 raise ValueError(f"train.runner 'batched' cannot train device {d}: {why}")
             if why:
-                out[d] = Reply(self._per_device(d, i))
+                out[d] = self._per_device(rnd, d, i)
             else:
                 batch.setdefault(i.config, []).append(d)
         self.last_groups = []
@@ -925,19 +926,31 @@ class BatchedRunner:
                 self.last_groups.append(group)
                 jobs = [(ins[d], self.kept[d], self.world.local_data(d)) for d in group]
                 seed = zlib.crc32(f"{ins[group[0]].seed}:{rnd}:dropout:{','.join(group)}".encode())
-                for d, (res, kept) in zip(
-                    group, self.trainer(cfg).train(jobs, dropout_seed=seed), strict=True
-                ):
+                try:
+                    trained = self.trainer(cfg).train(jobs, dropout_seed=seed)
+                except Exception as exc:  # which device raised is unknown: each alone, per device
+                    LOG.warning(
+                        "round %d: a batched pass raised %s: %s; per device", rnd, type(exc).__name__, exc
+                    )
+                    out.update({d: self._per_device(rnd, d, ins[d]) for d in group})
+                    continue
+                for d, (res, kept) in zip(group, trained, strict=True):
                     self.kept[d] = kept
                     out[d] = Reply(res)
         return out
 
-    def _per_device(self, d: str, ins: TrainIns) -> TrainRes:
+    def _per_device(self, rnd: int, d: str, ins: TrainIns) -> Any:
+        from fedspine.fl.runners import Reply, failed_reply
+
         state = self._state(d)
-        res, new = client_step(ins, state, self.world.local_data(d))
+        try:
+            res, new = client_step(ins, state, self.world.local_data(d))
+        except Exception as exc:  # a failing device fails alone
+            self._models.pop(d, None)  # pruned in place part-way: rebuilt from its kept map
+            return failed_reply(rnd, d, exc)
         self.kept[d], self.applied[d] = new.kept_map, dict(new.applied_delta)
         self._models[d] = (new.kept_map, new.model)
-        return res
+        return Reply(res)
 
     def _state(self, d: str) -> LocalState:
         cached = self._models.get(d)

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,17 +33,28 @@ from fedspine.bandit import ArmSpace
 from fedspine.config import RunConfig
 from fedspine.fl import checkpoint
 from fedspine.fl.build import check
+from fedspine.fl.faults import DROPOUT, FaultInjector
 from fedspine.fl.messages import Failure, TrainRes
 from fedspine.fl.runners import DeviceRunner, InProcessRunner, Reply
 from fedspine.fl.server import Server
 from fedspine.fl.strategies import StrategyContext, make_strategy
-from fedspine.fl.time_model import Workload, fits, round_time, round_work_for_map, round_work_for_ratio
+from fedspine.fl.time_model import (
+    Workload,
+    expected_round_time_s,
+    fits,
+    round_time,
+    round_work_for_map,
+    round_work_for_ratio,
+)
 from fedspine.fl.world import World
 from fedspine.logging import RunLogger
 from fedspine.lora import adapter_shapes, attach, extract, load, save_adapter
+from fedspine.lora.adapters import ALPHA_PER_RANK
 from fedspine.lora.coords import split_key
 from fedspine.pruning.index_map import KeptIndexMap
 from fedspine.seeds import Seeds
+
+LOG = logging.getLogger("fedspine")
 
 
 @dataclass
@@ -94,7 +106,12 @@ class Simulation:
             server_lr=t.server_lr,
             server_momentum=t.server_momentum,
             client_config=t.client(),
+            norm_k=cfg.server.norm_k,
+            norm_history=cfg.server.norm_history,
+            min_success=cfg.server.min_success,
+            scaling=ALPHA_PER_RANK,
         )
+        self.faults = FaultInjector(cfg.faults, seeds.integer("faults"))
         self.clock_s = 0.0
         self.round = 0
         # The time model counts the vocabulary-sized output layer only for a causal LM.
@@ -110,6 +127,17 @@ class Simulation:
         if k >= len(pool):
             return pool
         return sorted(self.rng_sampling.choice(pool, size=k, replace=False).tolist())
+
+    def deadline(self, expected: Mapping[str, float]) -> float:
+        """The round's deadline: ``server.deadline_s``, or ``server.deadline_factor`` times the
+        slowest participant's ``expected`` (noise-free modelled) round time (ours). Measured
+        rounds without ``deadline_s`` have none of their own: they cost what they waited."""
+        fixed = self.cfg.server.deadline_s
+        if fixed is not None:
+            return float(fixed)
+        if not self.runner.modelled:
+            return 0.0
+        return self.cfg.server.deadline_factor * max(expected.values(), default=0.0)
 
     def work(self, kept: KeptIndexMap | None, ratio: float, rank: int):
         t, m = self.cfg.train, self.cfg.model
@@ -127,7 +155,12 @@ class Simulation:
         return round_work_for_ratio(self.world.shape, ratio, load, round_to=t.round_to)
 
     def run_round(self) -> dict[str, Any]:
-        """One round; the client steps run wherever the runner sends them."""
+        """One round; the client steps run wherever the runner sends them.
+
+        Faults (``cfg.faults``) are injected on the runner's replies; every reply is screened
+        (``Server.screen``) before the allocator or the aggregator sees it. The server waits for
+        replies until the round's deadline (``deadline``): a missed reply, and a round with
+        fewer than ``server.min_success`` accepted updates, cost it on the clock."""
         self.round += 1
         rnd = self.round
         wall = time.perf_counter()
@@ -140,31 +173,67 @@ class Simulation:
         bytes_up = bytes_down = energy = 0.0
         modelled = runner.modelled
         held = {d: self.server.kept_map(d) for d in devices}  # what each device last reported
-        sent = {}
+        sent, expected = {}, {}
         for d in devices:
             ratio = max(ins[d].ratio, held[d].sparsity(world.family.mlp_matrices))
             planned = self.work(None, ratio, ins[d].rank)
+            expected[d] = sum(expected_round_time_s(world.profiles[d], planned))
             if modelled and not fits(world.profiles[d], planned):
                 failures.append(Failure(rnd, d, "out of memory"))
             else:
                 sent[d] = ins[d]
-        replies = runner.execute(rnd, sent, held)
-        for d in sent:  # device order: the jitter stream is drawn the same way on every engine
-            reply = replies.get(d) or Reply(failure="no reply")
+        deadline = self.deadline(expected)
+        faults = self.faults.draw(rnd, list(sent))
+        replies = runner.execute(rnd, {d: i for d, i in sent.items() if faults.get(d) != DROPOUT}, held)
+        replies = self.faults.apply(rnd, replies, faults)
+        got: dict[str, Reply] = {}
+        waited = [0.0]  # how long the server waited for replies it does not use
+        for d in sent:
+            reply = replies.get(d) or Reply(failure="no reply", timed_out=True)
             if reply.result is None:
                 failures.append(Failure(rnd, d, reply.failure or "no reply"))
+                if reply.timed_out:
+                    waited.append(deadline if reply.measured_s is None else reply.measured_s)
+            else:
+                got[d] = reply
+        rejected: dict[str, str] = {}
+        if self.cfg.server.validate:
+            _, rejected = self.server.screen([r.result for r in got.values()], ins)
+        for d in sent:  # device order: the jitter stream is drawn the same way on every engine
+            if d not in got:
+                continue
+            reply = got[d]
+            if d in rejected:
+                LOG.warning("round %d: update of device %s rejected: %s", rnd, d, rejected[d])
+                failures.append(Failure(rnd, d, f"rejected: {rejected[d]}"))
+                waited.append(expected[d] if reply.measured_s is None else reply.measured_s)
                 continue
             res = reply.result
             work = self.work(KeptIndexMap.from_dict(res.kept_map), 0.0, res.rank)
             measured = None if modelled else reply.measured_s
             timing = round_time(world.profiles[d], work, self.rng_jitter, measured_s=measured)
+            hard = self.cfg.server.deadline_s
+            if hard is not None and timing.total_s > hard:
+                why = f"past the round deadline ({timing.total_s:.3g} s > {hard:g} s)"
+                failures.append(Failure(rnd, d, why))
+                waited.append(hard)
+                continue
             results.append(res)
             times[d] = timing.total_s
             bytes_up += work.up_bytes
             bytes_down += work.down_bytes
             energy += timing.energy_j
-        self.server.finish(rnd, results, failures, times)
-        makespan = max(times.values(), default=0.0)
+        aggregated = self.server.finish(rnd, results, failures, times)
+        makespan = max(max(times.values(), default=0.0), *waited)
+        if not aggregated:
+            makespan = max(makespan, deadline)  # a failed round costs its deadline
+            LOG.warning(
+                "round %d: %d of %d updates accepted (server.min_success=%d): the global state is kept",
+                rnd,
+                len(results),
+                len(devices),
+                self.server.min_success,
+            )
         self.clock_s += makespan
         record: dict[str, Any] = {
             "round": rnd,
@@ -177,6 +246,9 @@ class Simulation:
             "waiting_s": {d: makespan - t for d, t in times.items()},
             "mean_waiting_s": float(np.mean([makespan - t for t in times.values()])) if times else 0.0,
             "failures": {f.device_id: f.reason for f in failures},
+            "faults": faults,
+            "rejected": rejected,
+            "aggregated": aggregated,
             "bytes_up": bytes_up,
             "bytes_down": bytes_down,
             "energy_j": energy,
@@ -219,6 +291,8 @@ class Simulation:
         """Bring a freshly built simulation (same config) to the checkpointed round."""
         saved = copy.deepcopy(state["config"])
         saved.get("model", {}).setdefault("task", "classification")  # written before model.task existed
+        for section in ("faults", "server"):  # written before faults and defences existed
+            saved.setdefault(section, json.loads(json.dumps(self.cfg.to_dict()[section])))
         if saved != json.loads(json.dumps(self.cfg.to_dict())):
             raise ValueError("the checkpoint was written with a different configuration; refusing to resume")
         server = dict(state["server"])
