@@ -276,16 +276,18 @@ def run(
     stop_after: int | None = None,
     verbose: bool = False,
     runner: DeviceRunner | None = None,
+    world: World | None = None,
 ) -> RunResult:
     """Run the rounds of ``cfg`` and return per-round records and a summary.
 
     With ``checkpoint_dir`` a checkpoint is written atomically every ``cfg.checkpoint_every``
     rounds; ``resume=True`` continues from it and ends with exactly the records an
     uninterrupted run would have. ``stop_after`` ends early after that round (to test resume).
-    ``runner`` runs the client steps elsewhere (Flower); the loop is the same.
+    ``runner`` runs the client steps elsewhere (Flower); the loop is the same. ``world`` is
+    built from ``cfg`` unless given.
     """
     start = time.perf_counter()
-    sim = Simulation(cfg, runner=runner)
+    sim = Simulation(cfg, runner=runner, world=world)
     out = RunResult()
     if verbose:
         from fedspine.data.partition import format_stats
@@ -348,8 +350,10 @@ def run_in_dir(
     """Run ``cfg`` into ``run_dir``: ``config.json``, ``metrics.jsonl`` (one record a round),
     ``summary.json`` and ``checkpoint/``. ``resume=True`` continues the run's checkpoint. What the
     CLI, the experiments and the Flower ServerApp all do; W&B settings default to ``cfg.log``'s
-    and the W&B name to the folder's."""
+    and the W&B name to the folder's. The config is checked and the world built (refusing what
+    the model and data cannot run) before anything is written to ``run_dir``."""
     run_dir = Path(run_dir)
+    world = World.build(check(cfg))
     logger = RunLogger(
         run_dir,
         config=cfg.to_dict(),
@@ -360,7 +364,13 @@ def run_in_dir(
         resume=resume,
     )
     return run(
-        cfg, logger, checkpoint_dir=run_dir / "checkpoint", resume=resume, runner=runner, verbose=verbose
+        cfg,
+        logger,
+        checkpoint_dir=run_dir / "checkpoint",
+        resume=resume,
+        runner=runner,
+        verbose=verbose,
+        world=world,
     )
 
 
