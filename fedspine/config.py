@@ -442,7 +442,7 @@ def config_from_mapping(raw: Mapping[str, Any], overrides: Mapping[str, Any] | N
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ValueError(f"override {key}={value!r}: {part!r} is not a section")
+                raise ConfigError(f"override {key}={value!r}: {part!r} is not a section")
         node[parts[-1]] = copy.deepcopy(value)
     return validate(from_mapping(RunConfig, raw, ""))
 
@@ -451,11 +451,11 @@ def from_mapping(cls: type, raw: Any, where: str) -> Any:
     """The dataclass ``cls`` from a nested mapping: unknown fields, wrong types and bad values are
     refused with the field's full name (``where`` + field, e.g. ``"strategy.params."``)."""
     if not isinstance(raw, dict):
-        raise ValueError(f"{where or 'config'} must be a mapping, got {raw!r}")
+        raise ConfigError(f"{where.rstrip('.') or 'config'} must be a mapping, got {raw!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - set(fields))
     if unknown:
-        raise ValueError(f"unknown field(s) {[f'{where}{u}' for u in unknown]}; allowed: {sorted(fields)}")
+        raise ConfigError(f"unknown field(s) {[f'{where}{u}' for u in unknown]}; allowed: {sorted(fields)}")
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, value in raw.items():
@@ -474,11 +474,11 @@ def _coerce(hint: Any, value: Any, name: str) -> Any:
         origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{name} must be a list, got {value!r}")
+            raise ConfigError(f"{name} must be a list, got {value!r}")
         return tuple(_coerce(args[0], v, name) for v in value)
     if origin is dict or hint is dict:
         if not isinstance(value, dict):
-            raise ValueError(f"{name} must be a mapping, got {value!r}")
+            raise ConfigError(f"{name} must be a mapping, got {value!r}")
         if not args:
             return dict(value)
         return {_coerce(args[0], k, name): _coerce(args[1], v, f"{name}.{k}") for k, v in value.items()}
@@ -489,7 +489,7 @@ def _coerce(hint: Any, value: Any, name: str) -> Any:
         try:
             return float(value)
         except ValueError:
-            raise ValueError(f"{name} must be float, got {value!r}") from None
+            raise ConfigError(f"{name} must be float, got {value!r}") from None
     if hint in (int, float, str, bool) and (type(value) is not hint):
-        raise ValueError(f"{name} must be {hint.__name__}, got {value!r}")
+        raise ConfigError(f"{name} must be {hint.__name__}, got {value!r}")
     return value
