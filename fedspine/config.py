@@ -326,7 +326,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     need(agg is None or agg in rules, "strategy.aggregation", f"None or one of {rules}", agg)
     need(cfg.eval.every >= 1, "eval.every", ">= 1", cfg.eval.every)
     acc = cfg.eval.target_accuracy
-    need(acc is None or (finite(acc) and 0 < acc <= 1), "eval.target_accuracy", "None or in (0, 1]", acc)
+    need(acc is None or (finite(acc) and 0 <= acc <= 1), "eval.target_accuracy", "None or in [0, 1]", acc)
     lg = cfg.log
     need(lg.wandb in WANDB_MODES, "log.wandb", f"one of {list(WANDB_MODES)}", lg.wandb)
     need(bool(lg.dir.strip()), "log.dir", "a folder path", lg.dir)
