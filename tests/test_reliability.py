@@ -56,7 +56,7 @@ def cli(*args: str, config: str | None = SMOKE) -> Callable[[Path], str]:
         from fedspine.cli import main
 
         argv = [a.replace("<tmp>", str(tmp)) for a in args]
-        if argv[:1] != ["demo"]:
+        if argv[:1] not in (["demo"], ["flower"]):
             head = ["run", *(["--config", config.replace("<tmp>", str(tmp))] if config else [])]
             if "--resume" not in argv:
                 head += [f"log.dir={tmp}/runs", "log.progress=false"]
@@ -246,6 +246,12 @@ ROWS = [
     Row("demo --devices 0", K, "--devices", cli("demo", "--devices", "0")),
     Row("demo --safe-slack inf", K, "--safe-slack", cli("demo", "--safe-slack", "inf")),
     Row("demo --policy greedy", K, "--policy", cli("demo", "--policy", "greedy")),
+    Row(
+        "flower sim arms.ranks=[128]",
+        "flower (World.build)",
+        "arms.ranks",
+        cli("flower", "sim", "--config", SMOKE, "--out", "<tmp>/runs", "arms.ranks=[128]"),
+    ),
     # public API
     Row(
         "Allocator.observe_round: a report for another arm than assigned",
