@@ -184,6 +184,12 @@ class LogConfig:
     wandb: str = "disabled"  # disabled | offline | online
     wandb_project: str = "fedspine"
     progress: bool = True
+    # The global adapter (original coordinates, rank r_max, the head included) as a peft adapter
+    # directory, <run dir>/adapters/round-NNNN, after each of these rounds; with
+    # save_adapter_final also <run dir>/adapters/final after the last round. It loads with
+    # PeftModel.from_pretrained on the unpruned base (fedspine.fl.simulator, README).
+    save_adapter_rounds: tuple[int, ...] = ()
+    save_adapter_final: bool = False
 
 
 @dataclass(frozen=True)
@@ -339,6 +345,19 @@ def validate(cfg: RunConfig) -> RunConfig:
     )
     name_ok = lg.name is None or (lg.name.strip() not in ("", ".", "..") and Path(lg.name).name == lg.name)
     need(name_ok, "log.name", "None or one folder name (no '/')", lg.name)
+    saves = cfg.log.save_adapter_rounds
+    need(
+        all(isinstance(r, int) and not isinstance(r, bool) and 1 <= r <= t.rounds for r in saves),
+        "log.save_adapter_rounds",
+        f"round numbers in [1, train.rounds = {t.rounds}]",
+        saves,
+    )
+    need(
+        isinstance(cfg.log.save_adapter_final, bool),
+        "log.save_adapter_final",
+        "true or false",
+        cfg.log.save_adapter_final,
+    )
     need(cfg.checkpoint_every >= 1, "checkpoint_every", ">= 1", cfg.checkpoint_every)
     return cfg
 
@@ -445,6 +464,49 @@ def config_from_mapping(raw: Mapping[str, Any], overrides: Mapping[str, Any] | N
                 raise ConfigError(f"override {key}={value!r}: {part!r} is not a section")
         node[parts[-1]] = copy.deepcopy(value)
     return validate(from_mapping(RunConfig, raw, ""))
+
+
+def field_defaults(cls: type = RunConfig, where: str = "") -> dict[str, Any]:
+    """Every field's full name (``"train.lr"``) and default, sections flattened, in declaration
+    order: what ``fedspine run --help`` lists and the README's configuration tables hold."""
+    out: dict[str, Any] = {}
+    defaults = cls()
+    for f in dataclasses.fields(cls):
+        value = getattr(defaults, f.name)
+        if dataclasses.is_dataclass(value):
+            out.update(field_defaults(type(value), f"{where}{f.name}."))
+        else:
+            out[f"{where}{f.name}"] = value
+    return out
+
+
+class _Dumper(yaml.SafeDumper):
+    """Block style for sections, flow style for lists (``ranks: [4, 8, 16]``)."""
+
+
+_Dumper.add_representer(
+    list, lambda dumper, value: dumper.represent_sequence("tag:yaml.org,2002:seq", value, flow_style=True)
+)
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    """The whole config as YAML, every default written out; ``load_config`` reads it back to ``cfg``."""
+    return yaml.dump(_plain(cfg.to_dict()), Dumper=_Dumper, sort_keys=False, width=100)
+
+
+def yaml_value(value: Any) -> str:
+    """One value as it is written in a YAML file or an ``a.b=value`` override (``null``, ``[4, 8]``)."""
+    text = yaml.safe_dump(_plain(value), default_flow_style=True, width=10_000).strip()
+    return text.removesuffix("...").strip()
+
+
+def _plain(value: Any) -> Any:
+    """Tuples as lists, recursively (YAML's safe dumper knows no tuples)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
 
 
 def from_mapping(cls: type, raw: Any, where: str) -> Any:

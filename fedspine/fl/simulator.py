@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import json
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +38,7 @@ from fedspine.fl.strategies import StrategyContext, make_strategy
 from fedspine.fl.time_model import Workload, fits, round_time, round_work_for_map, round_work_for_ratio
 from fedspine.fl.world import World
 from fedspine.logging import RunLogger
-from fedspine.lora import adapter_shapes, attach, extract, load
+from fedspine.lora import adapter_shapes, attach, extract, load, save_adapter
 from fedspine.lora.coords import split_key
 from fedspine.pruning.index_map import KeptIndexMap
 from fedspine.seeds import Seeds
@@ -239,21 +240,47 @@ class Simulation:
         load(peft_model, dist.adapter, strict=True)
         return peft_model
 
-    def evaluate_global(self) -> float:
-        """The unpruned model with the global adapter (at r_max). Returns the accuracy (causal LM:
-        next-token accuracy on the test answers); every metric is kept in ``last_metrics``."""
-        model = self._with_adapter(
+    def global_model(self) -> nn.Module:
+        """ "The global model": a copy of the unpruned base with the global adapter (at r_max)."""
+        return self._with_adapter(
             copy.deepcopy(self.world.model0), self.server.r_max, self.server.full_model_adapter()
         )
-        self.last_metrics = self.world.task.evaluate(model, self.world.data.test)
+
+    def evaluate_global(self) -> float:
+        """The global model's accuracy (causal LM: next-token accuracy on the test answers); every
+        metric is kept in ``last_metrics``."""
+        self.last_metrics = self.world.task.evaluate(self.global_model(), self.world.data.test)
         return self.last_metrics["accuracy"]
 
-    def evaluate_device(self, device: str, pruned: nn.Module) -> float:
-        """A device's own ``pruned`` model with the global adapter projected onto what it kept."""
+    def save_global_adapter(self, path: str | Path) -> Path:
+        """The global adapter as a peft adapter directory for the unpruned base: rank r_max,
+        alpha 2·r_max, the head as ``modules_to_save``. ``PeftModel.from_pretrained(base, path)``
+        on the run's base (``World.build(cfg).model0``) is the model ``evaluate_global`` scores.
+        A rule that changes the base weights (FLoRA) is refused: an adapter cannot hold that."""
+        if self.server.rule.changes_base:
+            raise ValueError(
+                f"aggregation rule {self.server.rule.name!r} changes the base weights; its global model "
+                "is not a peft adapter on the unpruned base"
+            )
+        return save_adapter(self.global_model(), path)
+
+    def device_model(self, device: str, pruned: nn.Module | None = None) -> nn.Module:
+        """A copy of a device's own pruned model (default: the runner's) with the global adapter
+        projected onto what it kept, at r_max. ``fedspine.pruning.export_for_deployment(model,
+        path, kept_map=self.server.kept_map(device), adapter=True)`` writes it as a pruned base
+        plus a peft adapter."""
+        if pruned is None:
+            models = self.runner.device_models()
+            if device not in models:
+                raise ValueError(f"device {device!r} has no model in this process; here: {sorted(models)}")
+            pruned = models[device]
         rank = self.server.r_max
         dist = self.server.rule.distribute(self.server.state, self.server.slices(device), rank)
-        model = self._with_adapter(copy.deepcopy(pruned), rank, dist)
-        return self.world.task.evaluate(model, self.world.data.test)["accuracy"]
+        return self._with_adapter(copy.deepcopy(pruned), rank, dist)
+
+    def evaluate_device(self, device: str, pruned: nn.Module) -> float:
+        """The accuracy of :meth:`device_model` on the test set."""
+        return self.world.task.evaluate(self.device_model(device, pruned), self.world.data.test)["accuracy"]
 
 
 def default_runner(cfg: RunConfig, world: World) -> DeviceRunner:
@@ -276,17 +303,24 @@ def run(
     stop_after: int | None = None,
     verbose: bool = False,
     runner: DeviceRunner | None = None,
+    adapter_dir: str | Path | None = None,
     world: World | None = None,
 ) -> RunResult:
     """Run the rounds of ``cfg`` and return per-round records and a summary.
 
-    With ``checkpoint_dir`` a checkpoint is written atomically every ``cfg.checkpoint_every``
-    rounds; ``resume=True`` continues from it and ends with exactly the records an
+    With ``checkpoint_dir`` a checkpoint is written atomically at round 0 and every
+    ``cfg.checkpoint_every`` rounds (``fl/checkpoint.py``, docs/checkpoints.md); ``resume=True``
+    continues from the newest one that verifies and ends with exactly the records an
     uninterrupted run would have. ``stop_after`` ends early after that round (to test resume).
-    ``runner`` runs the client steps elsewhere (Flower); the loop is the same. ``world`` is
-    built from ``cfg`` unless given.
+    ``runner`` runs the client steps elsewhere (Flower); the loop is the same. ``adapter_dir``
+    receives the peft adapters that ``log.save_adapter_rounds`` / ``log.save_adapter_final`` ask for.
+    ``world`` is built from ``cfg`` unless given.
     """
+    if adapter_dir is None and (cfg.log.save_adapter_rounds or cfg.log.save_adapter_final):
+        raise ValueError("log.save_adapter_rounds / log.save_adapter_final need adapter_dir (run_in_dir's)")
     start = time.perf_counter()
+    if checkpoint_dir is not None and not resume:  # a kill while this run builds its World must
+        checkpoint.clear(checkpoint_dir)  # not resume a previous run's generations
     sim = Simulation(cfg, runner=runner, world=world)
     out = RunResult()
     if verbose:
@@ -294,12 +328,18 @@ def run(
 
         world = sim.world
         print(format_stats(world.partition_stats, label_names=world.data.label_names, max_devices=10))
+    restored = False
     if resume:
         if checkpoint_dir is None:
             raise ValueError("resume needs checkpoint_dir")
-        out.records = sim.restore(*checkpoint.load(checkpoint_dir))
+        try:
+            out.records, restored = sim.restore(*checkpoint.load(checkpoint_dir)), True
+        except checkpoint.NoCheckpoint as exc:  # killed before round 0 was saved: nothing is lost
+            warnings.warn(f"{exc}; starting from round 0", checkpoint.CheckpointWarning, stacklevel=2)
         if logger is not None:
             logger.replace(out.records)
+    if checkpoint_dir is not None and not restored:  # round 0: a kill in round 1 resumes from here
+        checkpoint.save(checkpoint_dir, *sim.checkpoint_state(out.records))
     progress = _progress(cfg.train.rounds, enabled=cfg.log.progress)
     progress.update(sim.round)
     while sim.round < cfg.train.rounds and (stop_after is None or sim.round < stop_after):
@@ -307,6 +347,8 @@ def run(
         out.records.append(record)
         if logger is not None:
             logger.log_round(record)
+        if adapter_dir is not None:
+            _save_adapters(sim, Path(adapter_dir))
         if checkpoint_dir is not None and (
             sim.round % cfg.checkpoint_every == 0 or sim.round == cfg.train.rounds
         ):
@@ -330,6 +372,15 @@ def run(
     return out
 
 
+def _save_adapters(sim: Simulation, adapter_dir: Path) -> None:
+    """After a round: ``round-NNNN`` if ``log.save_adapter_rounds`` names it, ``final`` after the last."""
+    log = sim.cfg.log
+    if sim.round in log.save_adapter_rounds:
+        sim.save_global_adapter(adapter_dir / f"round-{sim.round:04d}")
+    if log.save_adapter_final and sim.round == sim.cfg.train.rounds:
+        sim.save_global_adapter(adapter_dir / "final")
+
+
 def default_run_dir(cfg: RunConfig) -> Path:
     """``<log.dir>/<log.name>``, the name defaulting to ``<strategy>-seed<seed>``."""
     return Path(cfg.log.dir) / (cfg.log.name or f"{cfg.strategy.name}-seed{cfg.seed}")
@@ -348,7 +399,8 @@ def run_in_dir(
     verbose: bool = False,
 ) -> RunResult:
     """Run ``cfg`` into ``run_dir``: ``config.json``, ``metrics.jsonl`` (one record a round),
-    ``summary.json`` and ``checkpoint/``. ``resume=True`` continues the run's checkpoint. What the
+    ``summary.json``, ``checkpoint/`` and the peft adapters ``cfg.log`` asks for under
+    ``adapters/``. ``resume=True`` continues the run's checkpoint. What the
     CLI, the experiments and the Flower ServerApp all do; W&B settings default to ``cfg.log``'s
     and the W&B name to the folder's. The config is checked and the world built (refusing what
     the model and data cannot run) before anything is written to ``run_dir``."""
@@ -370,6 +422,7 @@ def run_in_dir(
         resume=resume,
         runner=runner,
         verbose=verbose,
+        adapter_dir=run_dir / "adapters",
         world=world,
     )
 

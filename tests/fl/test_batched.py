@@ -6,18 +6,23 @@ tensor's largest entry plus 5% of one AdamW step (AdamW divides by the gradient'
 float noise in a near-zero gradient can move an entry by a fraction of the learning rate).
 """
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
+from tiny_models import TINY
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from fedspine.config import config_from_mapping
-from fedspine.fl.batched import BatchedRunner, _keep_mask
+from fedspine.fl.batched import BATCHED_FAMILIES, BatchedRunner, _keep_mask
 from fedspine.fl.build import check
 from fedspine.fl.client import client_step
 from fedspine.fl.placement import cpu_flags, cpu_has_bf16, resolve_device, resolve_precision
 from fedspine.fl.runners import InProcessRunner
 from fedspine.fl.simulator import Simulation, default_runner
 from fedspine.fl.world import World
+from fedspine.pruning.arch import FAMILIES, arch_shape, family_of
 
 
 def _cfg(**over):
@@ -62,7 +67,41 @@ def _close(ref: dict, got: dict, lr: float, rel: float = 1e-3) -> None:
 )
 def test_one_round_equals_the_per_device_path(model):
     cfg = _cfg(**model)
-    sim = Simulation(cfg, world=_world(cfg))
+    _one_round_equals_the_per_device_path(cfg, _world(cfg))
+
+
+@pytest.mark.parametrize(
+    ("model_type", "task"),
+    [
+        ("roberta", "classification"),
+        ("qwen2", "classification"),
+        ("qwen3", "causal-lm"),
+        ("mistral", "causal-lm"),
+    ],
+)
+def test_other_registered_model_types_batch_equal_to_the_per_device_path(model_type, task):
+    """Every model type of the registry batches: the mask recipe is keyed by family, and the
+    hooks find modules by role. The world's tiny model is swapped for one of ``model_type``."""
+    cfg = _cfg(model__name="tiny-bert" if task == "classification" else "tiny-llama", model__task=task)
+    world = _world(cfg)
+    config = TINY[model_type]().config
+    config.update({"num_labels": world.data.num_labels, "use_cache": False})
+    if config.pad_token_id is None:
+        config.pad_token_id = 0  # decoders classify at the last non-pad token
+    auto = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
+    torch.manual_seed(0)
+    model = auto.from_config(config).eval()
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    world = dataclasses.replace(world, model0=model, family=family_of(model), shape=arch_shape(model))
+    assert model.config.model_type == model_type
+    assert {f.name for f in FAMILIES.values()} == set(BATCHED_FAMILIES)  # every family has a mask recipe
+    _one_round_equals_the_per_device_path(cfg, world)
+
+
+def _one_round_equals_the_per_device_path(cfg, world):
+    sim = Simulation(cfg, world=world)
     world = sim.world
     ins = sim.server.configure(1, world.device_ids)
     assert len({i.rank for i in ins.values()}) > 1  # mixed ranks in one pass

@@ -1,7 +1,6 @@
 """The Flower adapter in one process: the real ServerApp loop, codec and ClientApp over a loopback
 Grid (tests/flower/loopback.py). Seconds, no SuperLink; the process tests are in test_flower_runtime.py."""
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -172,7 +171,7 @@ def test_a_resumed_server_ends_with_the_uninterrupted_records(tmp_path):
     rc = run_config(tmp_path, 4)
     with pytest.raises(RuntimeError, match="the server died"):
         flower_run(tmp_path, rc, crash)
-    assert json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())["round"] == 2
+    assert checkpoint.load(tmp_path / "run" / "checkpoint")[0]["round"] == 2
     client_app._host.cache_clear()
     resumed, _ = flower_run(tmp_path, {**rc, "resume": True})
     assert [r["round"] for r in resumed.records] == [1, 2, 3, 4]
