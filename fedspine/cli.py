@@ -1,7 +1,11 @@
 """Command line. ``fedspine run --config FILE [section.field=value ...]`` runs a federated
 simulation; ``fedspine config show`` prints the effective config of the same arguments;
 ``fedspine demo`` shows the allocator alone on a synthetic fleet (numpy only).
-Parsing and dispatch only; the work lives in the library."""
+Parsing and dispatch only; the work lives in the library.
+
+A user's mistake (a ``fedspine.config.ConfigError``: a bad field, flag, file or a config the
+model and data cannot run) is one line on stderr, ``fedspine: error: ...``, exit code 2, before
+anything is written; ``--debug`` shows the traceback instead."""
 
 from __future__ import annotations
 
@@ -12,15 +16,26 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from fedspine.config import ConfigError, finite, require
+
 
 def _demo(args: argparse.Namespace) -> int:
     from fedspine.bandit import POLICIES, Allocator, ArmSpace
     from fedspine.bandit.planner import capacity, plan
     from fedspine.bandit.synthetic import SyntheticFleet, fixed_makespans
 
-    if args.policy is not None and args.policy not in POLICIES:
-        print(f"error: --policy must be one of {sorted(POLICIES)}, got {args.policy!r}", file=sys.stderr)
-        return 2
+    need = require
+    need(
+        args.policy is None or args.policy in POLICIES, "--policy", f"one of {sorted(POLICIES)}", args.policy
+    )
+    need(args.every >= 1, "--every", ">= 1", args.every)
+    need(args.seed >= 0, "--seed", ">= 0", args.seed)
+    need(
+        finite(args.safe_slack) and args.safe_slack >= 0,
+        "--safe-slack",
+        "a finite number >= 0",
+        args.safe_slack,
+    )
     space = ArmSpace.grid([round(0.1 * i, 1) for i in range(8)], [4, 8, 16, 32])
     fleet = SyntheticFleet.paper_mix(args.devices, seed=args.seed)
     alloc = Allocator(
@@ -89,17 +104,26 @@ def _run(args: argparse.Namespace) -> int:
     from fedspine.config import load_config
     from fedspine.fl.build import check
 
-    try:
-        if args.resume:  # the run's own config; overrides may not change it
-            if args.config or args.overrides:
-                raise ValueError("--resume takes the run's saved config; drop --config and overrides")
-            cfg = load_config(Path(args.resume) / "config.json")
-        else:
-            cfg = load_config(args.config, args.overrides)
-        check(cfg)
-    except ValueError as exc:  # a wrong config: say which field and what is allowed, before any work
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    if args.resume:  # the run's own config; overrides may not change it
+        if args.config or args.overrides or args.check:
+            raise ConfigError("--resume takes the run's saved config; drop --config, --check and overrides")
+        need = require
+        resume = Path(args.resume)
+        need(resume.is_dir(), "--resume", "a run folder", args.resume)
+        need((resume / "config.json").is_file(), "--resume", "a run folder holding config.json", args.resume)
+        cfg = load_config(resume / "config.json")
+    else:
+        cfg = load_config(args.config, args.overrides)
+    check(cfg)
+    if args.check:  # what run_in_dir refuses before writing anything, and nothing else
+        from fedspine.fl.world import World
+
+        world = World.build(cfg)
+        print(
+            f"fedspine: ok: {cfg.model.name} ({world.shape.num_layers} layers), {len(world.device_ids)} "
+            f"devices, {sum(len(p) for p in world.parts.values())} training examples; nothing written"
+        )
+        return 0
     from fedspine.fl.checkpoint import CheckpointError
     from fedspine.fl.simulator import default_run_dir, run_in_dir
 
@@ -107,7 +131,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         result = run_in_dir(cfg, run_dir, resume=bool(args.resume), verbose=True)
     except CheckpointError as exc:  # every generation damaged: name the run and the files, no traceback
-        print(f"error: cannot resume {run_dir}: {exc}", file=sys.stderr)
+        print(f"fedspine: error: cannot resume {run_dir}: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(result.summary, indent=2, default=float))
     print(f"per-round metrics: {run_dir / 'metrics.jsonl'}")
@@ -119,11 +143,7 @@ def _config_show(args: argparse.Namespace) -> int:
     from fedspine.fl.build import effective
     from fedspine.fl.strategies import STRATEGIES
 
-    try:
-        cfg = effective(load_config(args.config, args.overrides))
-    except ValueError as exc:  # the same refusal as `fedspine run`, before any work
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    cfg = effective(load_config(args.config, args.overrides))  # refused as `fedspine run` refuses
     print(to_yaml(cfg), end="")
     if cfg.strategy.aggregation is None:
         rule = STRATEGIES[cfg.strategy.name].aggregation
@@ -152,9 +172,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="fedspine", description="Federated prune-and-tune on heterogeneous devices."
     )
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = ap.add_subparsers(dest="command", required=True)
     demo = sub.add_parser(
-        "demo", help="the bandit allocator on a synthetic heterogeneous fleet (numpy only, seconds)"
+        "demo",
+        help="the bandit allocator on a synthetic heterogeneous fleet (numpy only, seconds)",
+        parents=[common],
     )
     demo.add_argument(
         "--devices", type=int, default=80, help="fleet size, split 30:40:10 like the paper's testbed"
@@ -172,10 +196,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="a federated simulation from a YAML/TOML config plus overrides",
         epilog=_sections(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[common],
     )
     _config_arguments(run)
     run.add_argument(
         "--resume", default=None, metavar="RUN_DIR", help="continue a run from its last checkpoint"
+    )
+    run.add_argument(
+        "--check",
+        action="store_true",
+        help="check the config, the model's shape and the data against the fleet, then stop (writes nothing)",
     )
     run.set_defaults(func=_run)
     config = sub.add_parser("config", help="the effective config: config show --config FILE [overrides]")
@@ -184,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="print the full effective config as YAML, every default included",
         epilog=_sections(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[common],
     )
     _config_arguments(show)
     show.set_defaults(func=_config_show)
@@ -210,11 +241,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         from fedspine.flower.__main__ import main as flower_main
 
         return int(flower_main(argv[1:]) or 0)
-    args = build_parser().parse_args(argv)
-    if getattr(args, "devices", 1) < 1 or getattr(args, "rounds", 1) < 1:
-        print("error: --devices and --rounds must be >= 1", file=sys.stderr)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # overrides after a flag (``run a=1 --check b=2``): argparse takes one run of them only
+        if not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
+    try:
+        for flag in ("devices", "rounds"):  # demo's sizes
+            require(getattr(args, flag, 1) >= 1, f"--{flag}", ">= 1", getattr(args, flag, 1))
+        return int(args.func(args))
+    except (ConfigError, OSError) as exc:  # the user's input, or a folder the run cannot write
+        if getattr(args, "debug", False):
+            raise
+        print(f"fedspine: error: {exc}", file=sys.stderr)
         return 2
-    return int(args.func(args))
 
 
 if __name__ == "__main__":

@@ -113,8 +113,13 @@ class ClientConfig:
     def __post_init__(self) -> None:
         where = self._section
         require(self.local_steps >= 1, f"{where}local_steps", ">= 1", self.local_steps)
-        require(self.lr > 0, f"{where}lr", "> 0", self.lr)
-        require(self.head_lr is None or self.head_lr >= 0, f"{where}head_lr", "None or >= 0", self.head_lr)
+        require(finite(self.lr) and self.lr > 0, f"{where}lr", "a finite number > 0", self.lr)
+        require(
+            self.head_lr is None or (finite(self.head_lr) and self.head_lr >= 0),
+            f"{where}head_lr",
+            "None or a finite number >= 0",
+            self.head_lr,
+        )
         require(self.prune_interval >= 1, f"{where}prune_interval", ">= 1", self.prune_interval)
         require(self.round_to >= 1, f"{where}round_to", ">= 1", self.round_to)
         require(self.loss in LOSSES, f"{where}loss", f"one of {list(LOSSES)}", self.loss)
@@ -245,12 +250,20 @@ def validate(cfg: RunConfig) -> RunConfig:
     params are ``fedspine.fl.build.check``'s."""
     need = require
     m, d, f, t, a = cfg.model, cfg.data, cfg.fleet, cfg.train, cfg.arms
+    need(cfg.seed >= 0, "seed", "an integer >= 0", cfg.seed)
     need(
         m.name in MODELS or Path(m.name).is_dir(),
         "model.name",
         f"one of {list(MODELS)} or a local model dir",
         m.name,
     )
+    if m.name not in MODELS:  # a local HF model directory: what transformers needs to read it
+        need(
+            (Path(m.name) / "config.json").is_file(),
+            "model.name",
+            "a model dir holding config.json (a transformers save_pretrained folder)",
+            m.name,
+        )
     need(m.max_length >= 8, "model.max_length", ">= 8", m.max_length)
     need(m.task in TASKS, "model.task", f"one of {list(TASKS)}", m.task)
     if m.task == "causal-lm":
@@ -268,6 +281,12 @@ def validate(cfg: RunConfig) -> RunConfig:
         )
         # No task head and no class labels: the logit adjustment and a head learning rate have
         # nothing to act on, so we refuse them rather than ignore them silently.
+        need(
+            d.source != "chatterbot" or m.name not in ("tiny-bert", "tiny-llama"),
+            "model.name",
+            "a model with a tokenizer for data.source 'chatterbot' (the tiny random models have none)",
+            m.name,
+        )
         need(
             t.loss == "ce",
             "train.loss",
@@ -287,10 +306,32 @@ def validate(cfg: RunConfig) -> RunConfig:
             f"one of {list(DATA_SOURCES)} or a path",
             d.source,
         )
+        if d.source not in DATA_SOURCES:
+            src = Path(d.source)
+            need(
+                not src.is_file() or src.stat().st_size > 0,
+                "data.source",
+                "a non-empty file (this one has 0 bytes)",
+                d.source,
+            )
+            need(
+                not src.is_dir() or any(src.iterdir()),
+                "data.source",
+                "a saved dataset folder with files in it (this one is empty)",
+                d.source,
+            )
+            need(
+                m.name not in ("tiny-bert", "tiny-llama"),
+                "model.name",
+                f"a model with a tokenizer for data.source {d.source!r} (the tiny random models have none)",
+                m.name,
+            )
     need(0 < d.test_fraction < 1, "data.test_fraction", "in (0, 1)", d.test_fraction)
     need(d.partition in PARTITIONS, "data.partition", f"one of {list(PARTITIONS)}", d.partition)
-    need(d.alpha > 0, "data.alpha", "> 0", d.alpha)
+    need(finite(d.alpha) and d.alpha > 0, "data.alpha", "a finite number > 0", d.alpha)
     need(d.max_examples is None or d.max_examples >= 20, "data.max_examples", "None or >= 20", d.max_examples)
+    need(d.max_test is None or d.max_test >= 1, "data.max_test", "None (all) or >= 1", d.max_test)
+    need(d.min_size >= 1, "data.min_size", ">= 1 (every device needs data)", d.min_size)
     need(f.devices >= 1, "fleet.devices", ">= 1", f.devices)
     need(0 < f.participation <= 1, "fleet.participation", "in (0, 1]", f.participation)
     need(0 <= f.spread < 1, "fleet.spread", "in [0, 1)", f.spread)
@@ -304,7 +345,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     )
     need(t.rounds >= 1, "train.rounds", ">= 1", t.rounds)
     need(t.batch_size >= 1, "train.batch_size", ">= 1", t.batch_size)
-    need(t.server_lr > 0, "train.server_lr", "> 0", t.server_lr)
+    need(finite(t.server_lr) and t.server_lr > 0, "train.server_lr", "a finite number > 0", t.server_lr)
     need(t.runner in RUNNERS, "train.runner", f"one of {list(RUNNERS)}", t.runner)
     need(t.batch_devices >= 1, "train.batch_devices", ">= 1", t.batch_devices)
     need(0 <= t.server_momentum < 1, "train.server_momentum", "in [0, 1)", t.server_momentum)
@@ -326,7 +367,20 @@ def validate(cfg: RunConfig) -> RunConfig:
     agg = cfg.strategy.aggregation
     need(agg is None or agg in rules, "strategy.aggregation", f"None or one of {rules}", agg)
     need(cfg.eval.every >= 1, "eval.every", ">= 1", cfg.eval.every)
-    need(cfg.log.wandb in WANDB_MODES, "log.wandb", f"one of {list(WANDB_MODES)}", cfg.log.wandb)
+    acc = cfg.eval.target_accuracy
+    need(acc is None or (finite(acc) and 0 <= acc <= 1), "eval.target_accuracy", "None or in [0, 1]", acc)
+    lg = cfg.log
+    need(lg.wandb in WANDB_MODES, "log.wandb", f"one of {list(WANDB_MODES)}", lg.wandb)
+    need(bool(lg.dir.strip()), "log.dir", "a folder path", lg.dir)
+    blocker = _file_in_the_way(Path(lg.dir))
+    need(
+        blocker is None,
+        "log.dir",
+        f"a folder or a path that can become one ({str(blocker)!r} is a file)",
+        lg.dir,
+    )
+    name_ok = lg.name is None or (lg.name.strip() not in ("", ".", "..") and Path(lg.name).name == lg.name)
+    need(name_ok, "log.name", "None or one folder name (no '/')", lg.name)
     saves = cfg.log.save_adapter_rounds
     need(
         all(isinstance(r, int) and not isinstance(r, bool) and 1 <= r <= t.rounds for r in saves),
@@ -375,30 +429,94 @@ def _validate_faults(fc: FaultConfig, sc: ServerConfig) -> None:
     require(finite(f) and f >= 1, "server.deadline_factor", "a number >= 1", f)
 
 
+class ConfigError(ValueError):
+    """A user's input cannot run: the message names the field (or file, flag, argument), the bad
+    value and what is allowed. The CLI prints it as one line (exit code 2), never a traceback.
+    A ``ValueError``, so callers that catch those keep working."""
+
+
+def _file_in_the_way(path: Path) -> Path | None:
+    """The first of ``path`` and its parents that exists and is not a folder, if any."""
+    for p in (path, *path.parents):
+        if p.exists():
+            return None if p.is_dir() else p
+    return None
+
+
 def require(ok: bool, name: str, allowed: str, value: Any) -> None:
-    """Raise ``ValueError("<name> must be <allowed>, got <value>")`` unless ``ok``."""
+    """Raise ``ConfigError("<name> must be <allowed>, got <value>")`` unless ``ok``."""
     if not ok:
-        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+        raise ConfigError(f"{name} must be {allowed}, got {value!r}")
+
+
+def finite(x: Any) -> bool:
+    """``x`` is a real number and neither inf nor NaN (YAML reads ``.inf`` and ``.nan``)."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:
     """Defaults, then the YAML/TOML file, then ``section.field=value`` overrides; validated."""
     raw: dict[str, Any] = {}
     if path is not None:
-        p = Path(path)
-        if not p.exists():
-            raise ValueError(f"config file {str(p)!r} does not exist")
-        text = p.read_text()
-        raw = (tomllib.loads(text) if p.suffix == ".toml" else yaml.safe_load(text)) or {}
-        if not isinstance(raw, dict):
-            raise ValueError(f"config file {str(p)!r} must hold a mapping at the top level")
+        raw = read_config_file(Path(path))
     parsed = {}
     for item in overrides:
-        if "=" not in item:
-            raise ValueError(f"override {item!r} must look like section.field=value")
+        if "=" not in item or not item.split("=", 1)[0].strip():
+            raise ConfigError(f"override {item!r} must look like section.field=value")
         key, value = item.split("=", 1)
-        parsed[key.strip()] = yaml.safe_load(value)
+        try:
+            parsed[key.strip()] = yaml.load(value, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader)
+        except yaml.YAMLError as exc:
+            raise ConfigError(
+                f"override {item!r}: the value is not valid YAML ({_yaml_problem(exc)})"
+            ) from None
     return config_from_mapping(raw, parsed)
+
+
+def read_config_file(p: Path) -> dict[str, Any]:
+    """The top-level mapping of a YAML or TOML file; a missing file, a syntax error or a key given
+    twice is a ``ConfigError`` naming the file (and the line)."""
+    where = f"config file {str(p)!r}"
+    if not p.is_file():
+        raise ConfigError(f"{where} {'is a folder' if p.is_dir() else 'does not exist'}")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{where} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    try:
+        raw = tomllib.loads(text) if p.suffix == ".toml" else yaml.load(text, Loader=_StrictLoader)  # noqa: S506
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{where} is not valid TOML: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where} is not valid YAML: {_yaml_problem(exc)}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must hold a mapping at the top level, got {type(raw).__name__}")
+    return raw
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML keeps the last
+    silently; YAML 1.2 says keys are unique)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's message on one line: the problem and where (line, column), without the excerpt."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
 
 
 def config_from_mapping(raw: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> RunConfig:
@@ -410,7 +528,7 @@ def config_from_mapping(raw: Mapping[str, Any], overrides: Mapping[str, Any] | N
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ValueError(f"override {key}={value!r}: {part!r} is not a section")
+                raise ConfigError(f"override {key}={value!r}: {part!r} is not a section")
         node[parts[-1]] = copy.deepcopy(value)
     return validate(from_mapping(RunConfig, raw, ""))
 
@@ -462,11 +580,11 @@ def from_mapping(cls: type, raw: Any, where: str) -> Any:
     """The dataclass ``cls`` from a nested mapping: unknown fields, wrong types and bad values are
     refused with the field's full name (``where`` + field, e.g. ``"strategy.params."``)."""
     if not isinstance(raw, dict):
-        raise ValueError(f"{where or 'config'} must be a mapping, got {raw!r}")
+        raise ConfigError(f"{where.rstrip('.') or 'config'} must be a mapping, got {raw!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - set(fields))
     if unknown:
-        raise ValueError(f"unknown field(s) {[f'{where}{u}' for u in unknown]}; allowed: {sorted(fields)}")
+        raise ConfigError(f"unknown field(s) {[f'{where}{u}' for u in unknown]}; allowed: {sorted(fields)}")
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, value in raw.items():
@@ -485,11 +603,11 @@ def _coerce(hint: Any, value: Any, name: str) -> Any:
         origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{name} must be a list, got {value!r}")
+            raise ConfigError(f"{name} must be a list, got {value!r}")
         return tuple(_coerce(args[0], v, name) for v in value)
     if origin is dict or hint is dict:
         if not isinstance(value, dict):
-            raise ValueError(f"{name} must be a mapping, got {value!r}")
+            raise ConfigError(f"{name} must be a mapping, got {value!r}")
         if not args:
             return dict(value)
         return {_coerce(args[0], k, name): _coerce(args[1], v, f"{name}.{k}") for k, v in value.items()}
@@ -500,7 +618,7 @@ def _coerce(hint: Any, value: Any, name: str) -> Any:
         try:
             return float(value)
         except ValueError:
-            raise ValueError(f"{name} must be float, got {value!r}") from None
+            raise ConfigError(f"{name} must be float, got {value!r}") from None
     if hint in (int, float, str, bool) and (type(value) is not hint):
-        raise ValueError(f"{name} must be {hint.__name__}, got {value!r}")
+        raise ConfigError(f"{name} must be {hint.__name__}, got {value!r}")
     return value

@@ -1,6 +1,9 @@
 import json
 
+import pytest
+
 from fedspine.cli import main
+from fedspine.config import ConfigError
 from fedspine.logging import read_metrics
 
 
@@ -39,3 +42,16 @@ def test_resume_continues_a_run_from_its_checkpoint(tmp_path):
     assert main(["run", "--resume", str(run_dir)]) == 0  # already finished: nothing left to run
     assert [r["round"] for r in read_metrics(run_dir)] == [1, 2]
     assert main(["run", "--resume", str(run_dir), "train.rounds=3"]) == 2
+
+
+def test_check_runs_every_check_and_writes_nothing(tmp_path, capsys):
+    args = ["run", "--config", "experiments/configs/smoke.yaml", f"log.dir={tmp_path}/runs", "--check"]
+    assert main([*args, "fleet.devices=4"]) == 0  # an override after a flag is still an override
+    assert "devices" in capsys.readouterr().out and not (tmp_path / "runs").exists()
+    assert main([*args, "fleet.devices=300"]) == 2  # too few examples: only the data can tell
+    assert capsys.readouterr().err.startswith("fedspine: error: fleet.devices=300 with data.min_size=8")
+
+
+def test_debug_shows_the_traceback_instead_of_one_line():
+    with pytest.raises(ConfigError, match="fleet.devices must be >= 1"):
+        main(["run", "--debug", "fleet.devices=0"])

@@ -1,9 +1,64 @@
-"""The README's first two commands are the ones CI runs, so they stay true."""
+"""The README's first two commands are the ones CI runs, and every code block of README.md and
+docs/*.md is run: Python blocks as they are, ``fedspine`` commands as ``fedspine run --check``
+(their config, model shape and data are checked; nothing trains); the rest are listed in
+``NOT_RUN`` with the reason."""
 
+import os
 import re
+import shlex
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+# Commands the test does not run, by their first word(s), and why.
+NOT_RUN = {
+    "bash scripts/setup.sh": "builds the venv; CI runs it",
+    "python -m pytest": "the test suite itself",
+    "python experiments/": "an experiment (minutes); experiments have their own smoke tests",
+    "python scripts/bench_pruning.py": "a benchmark on real models (minutes)",
+    "source ": "shell setup",
+    "export ": "shell setup",
+    "flwr ": "needs a running Flower SuperLink",
+    "flower-superlink": "a Flower server process",
+    "flower-supernode": "a Flower device process",
+    "ray ": "a Ray cluster",
+    "RAY_ADDRESS=": "a Flower server process on a Ray cluster",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1": "a Flower server process",
+    "HF_HUB_OFFLINE=1 python scripts/bench_pruning.py": "a benchmark on real models (minutes)",
+}
+
+
+def code_blocks(lang: str) -> list[tuple[str, str]]:
+    """(file name, body) of every ```lang block of README.md and docs/*.md."""
+    out = []
+    for path in DOCS:
+        for body in re.findall(rf"```{lang}\n(.*?)```", path.read_text(), re.S):
+            out.append((path.name, body))
+    return out
+
+
+def shell_commands() -> list[tuple[str, str]]:
+    """(file name, command) of every bash block: continuation lines joined, comments dropped,
+    ``.venv/bin/`` removed, ``a && b`` split."""
+    out = []
+    for name, body in code_blocks("bash"):
+        for line in body.replace("\\\n", " ").splitlines():
+            line = re.sub(r"(^|\s)#.*$", "", line).replace(".venv/bin/", "").strip()
+            out += [(name, part.strip()) for part in line.split("&&") if part.strip()]
+    return out
+
+
+def fedspine_args(command: str) -> list[str] | None:
+    """``fedspine run --check`` arguments for a ``fedspine run|flower`` command, else None."""
+    words = shlex.split(command)
+    if words[:2] == ["fedspine", "run"]:
+        return ["run", "--check", *words[2:]]
+    if words[:2] == ["fedspine", "flower"] or words[:3] == ["python", "-m", "fedspine.flower"]:
+        rest = words[3:] if words[0] == "fedspine" else words[4:]  # after sim|deploy
+        return ["run", "--check", *rest]
+    return None
 
 
 def readme_commands() -> list[str]:
@@ -39,3 +94,30 @@ def test_the_allocator_block_runs():
     scope: dict = {}
     exec(compile(block.group(1), "README.md", "exec"), scope)  # noqa: S102
     assert scope["alloc"].state_dict()["round"] == 10
+
+
+@pytest.mark.parametrize("index", range(len(code_blocks("python"))))
+def test_every_python_block_runs(index, tmp_path, monkeypatch):
+    name, body = code_blocks("python")[index]
+    monkeypatch.chdir(tmp_path)  # blocks may write files (an export)
+    exec(compile(body, name, "exec"), {})  # noqa: S102
+
+
+def test_every_shell_command_is_checked_or_listed_as_not_run():
+    unknown = [
+        c for _, c in shell_commands() if fedspine_args(c) is None and not any(map(c.startswith, NOT_RUN))
+    ]
+    assert not unknown, f"add a check or a NOT_RUN entry for {unknown}"
+
+
+@pytest.mark.parametrize("args", sorted({tuple(a) for _, c in shell_commands() if (a := fedspine_args(c))}))
+def test_every_fedspine_command_passes_its_check(args, capsys):
+    from fedspine.cli import main
+
+    cwd = os.getcwd()
+    os.chdir(ROOT)  # configs are named relative to the repository
+    try:
+        assert main(list(args)) == 0, capsys.readouterr().err
+    finally:
+        os.chdir(cwd)
+    assert "nothing written" in capsys.readouterr().out

@@ -335,6 +335,15 @@ class Allocator:
         if (arm_idx < 0).any():
             r = reports[int(np.argmax(arm_idx < 0))]
             self.space.index(r.arm, f"arm (device {r.device_id!r})")  # raises with the full message
+        # A report is for the arm the device was assigned: crediting another arm would teach the
+        # policy about an arm that never ran there (what the device achieved goes in achieved_ratio).
+        assigned = np.fromiter((self._pending[d][1] for d in ids), dtype=np.int64, count=n)
+        if (arm_idx != assigned).any():
+            i = int(np.argmax(arm_idx != assigned))
+            raise ValueError(
+                f"arm (device {ids[i]!r}) must be the arm it was assigned, {self.space[assigned[i]]}, "
+                f"got {reports[i].arm}; report what it achieved in achieved_ratio"
+            )
         if not set(map(type, cols["failed"])) <= {bool, np.bool_}:
             for v in cols["failed"]:
                 _check_bool(v, "failed")

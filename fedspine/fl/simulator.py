@@ -386,6 +386,7 @@ def run(
     verbose: bool = False,
     runner: DeviceRunner | None = None,
     adapter_dir: str | Path | None = None,
+    world: World | None = None,
 ) -> RunResult:
     """Run the rounds of ``cfg`` and return per-round records and a summary.
 
@@ -395,13 +396,14 @@ def run(
     uninterrupted run would have. ``stop_after`` ends early after that round (to test resume).
     ``runner`` runs the client steps elsewhere (Flower); the loop is the same. ``adapter_dir``
     receives the peft adapters that ``log.save_adapter_rounds`` / ``log.save_adapter_final`` ask for.
+    ``world`` is built from ``cfg`` unless given.
     """
     if adapter_dir is None and (cfg.log.save_adapter_rounds or cfg.log.save_adapter_final):
         raise ValueError("log.save_adapter_rounds / log.save_adapter_final need adapter_dir (run_in_dir's)")
     start = time.perf_counter()
     if checkpoint_dir is not None and not resume:  # a kill while this run builds its World must
         checkpoint.clear(checkpoint_dir)  # not resume a previous run's generations
-    sim = Simulation(cfg, runner=runner)
+    sim = Simulation(cfg, runner=runner, world=world)
     out = RunResult()
     if verbose:
         from fedspine.data.partition import format_stats
@@ -482,8 +484,10 @@ def run_in_dir(
     ``summary.json``, ``checkpoint/`` and the peft adapters ``cfg.log`` asks for under
     ``adapters/``. ``resume=True`` continues the run's checkpoint. What the
     CLI, the experiments and the Flower ServerApp all do; W&B settings default to ``cfg.log``'s
-    and the W&B name to the folder's."""
+    and the W&B name to the folder's. The config is checked and the world built (refusing what
+    the model and data cannot run) before anything is written to ``run_dir``."""
     run_dir = Path(run_dir)
+    world = World.build(check(cfg))
     logger = RunLogger(
         run_dir,
         config=cfg.to_dict(),
@@ -501,6 +505,7 @@ def run_in_dir(
         runner=runner,
         verbose=verbose,
         adapter_dir=run_dir / "adapters",
+        world=world,
     )
 
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from fedspine.bandit import POLICIES, Allocator, Arm, ArmSpace, RewardConfig, RoundReport
 from fedspine.bandit.allocator import OBJECTIVES
-from fedspine.config import from_mapping, require
+from fedspine.config import ConfigError, from_mapping, require
 from fedspine.fl.messages import Failure, TrainRes
 
 PARAMS = "strategy.params."  # how errors name a strategy's parameters
@@ -153,7 +153,7 @@ class ArmAssigner:
         try:
             return from_mapping(cls.Params, dict(raw), PARAMS)
         except ValueError as exc:
-            raise ValueError(f"strategy {cls.name!r}: {exc}") from None
+            raise ConfigError(f"strategy {cls.name!r}: {exc}") from None
 
     def configure(self, rnd: int, devices: Sequence[str]) -> dict[str, Arm]:
         raise NotImplementedError

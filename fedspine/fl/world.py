@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedspine.config import RunConfig
+from fedspine.config import DATA_SOURCES, MODELS, ConfigError, RunConfig, require
 from fedspine.data.partition import partition, partition_stats
 from fedspine.data.tokenize import batches
 from fedspine.fl.client import LocalData, LocalState
@@ -51,22 +52,29 @@ class World:
 
     @classmethod
     def build(cls, cfg: RunConfig) -> World:
+        """The world of ``cfg``. What only the model and the data can tell (the checks of
+        :func:`check_model` and :func:`check_data`) is refused here with a ``ConfigError``
+        naming the field, before anything is trained or written."""
         seeds = Seeds(cfg.seed)  # one named stream per consumer (fedspine.seeds)
         partition_stream = seeds.sequence("partition")
         task = get_task(cfg.model.task)
-        model0, tokenizer = build_model(cfg.model.name, 2, seed=seeds.integer("model"), task=task)
-        data: TaskData = build_data(
-            cfg.data.source,
-            tokenizer,
-            max_length=cfg.model.max_length,
-            test_fraction=cfg.data.test_fraction,
-            max_examples=cfg.data.max_examples,
-            seed=seeds.integer("data"),
-            task=task,
-        )
+        with _user_input("model.name", cfg.model.name, local=cfg.model.name not in MODELS):
+            model0, tokenizer = build_model(cfg.model.name, 2, seed=seeds.integer("model"), task=task)
+        check_model(cfg, model0)
+        with _user_input("data.source", cfg.data.source, local=cfg.data.source not in DATA_SOURCES):
+            data: TaskData = build_data(
+                cfg.data.source,
+                tokenizer,
+                max_length=cfg.model.max_length,
+                test_fraction=cfg.data.test_fraction,
+                max_examples=cfg.data.max_examples,
+                seed=seeds.integer("data"),
+                task=task,
+            )
+        check_data(cfg, data)
         if task.class_labels and data.num_labels != 2:  # the head is sized by the data's labels
             model0, _ = build_model(cfg.model.name, data.num_labels, seed=seeds.integer("model"), task=task)
-        if cfg.data.max_test:
+        if cfg.data.max_test is not None:
             data.test = {k: v[: cfg.data.max_test] for k, v in data.test.items()}
         device_ids = [f"d{i:03d}" for i in range(cfg.fleet.devices)]
         profiles = paper_fleet(
@@ -77,14 +85,22 @@ class World:
             compute_spread=cfg.fleet.compute_spread,
         )
         labels = data.partition_labels()  # causal LM: topics stand in for labels
-        parts = partition(
-            labels,
-            cfg.fleet.devices,
-            scheme=cfg.data.partition,
-            alpha=cfg.data.alpha,
-            seed=np.random.default_rng(partition_stream),
-            min_size=cfg.data.min_size,
-        )
+        try:
+            parts = partition(
+                labels,
+                cfg.fleet.devices,
+                scheme=cfg.data.partition,
+                alpha=cfg.data.alpha,
+                seed=np.random.default_rng(partition_stream),
+                min_size=cfg.data.min_size,
+            )
+        except ValueError as exc:  # no Dirichlet draw gave every device data.min_size examples
+            d = cfg.data
+            raise ConfigError(
+                f"data.alpha={d.alpha}, data.min_size={d.min_size} and fleet.devices={cfg.fleet.devices} "
+                f"cannot be met on {len(labels)} training examples: raise data.alpha, lower "
+                f"data.min_size or fleet.devices ({exc})"
+            ) from None
         return cls(
             cfg=cfg,
             model0=model0,
@@ -124,6 +140,67 @@ class World:
         return rebuild_local_state(self.model0, kept, applied)
 
 
+def narrowest_lora_layer(model: nn.Module) -> tuple[str, int]:
+    """(path, width) of the prunable Linear (q/k/v/o/MLP, the LoRA targets) with the smallest
+    min(in, out): a LoRA rank above it has more components than the layer has directions."""
+    fam = family_of(model)
+    widths = {
+        path: min(int(m.in_features), int(m.out_features))
+        for i in range(len(fam.layers(model)))
+        for paths in fam.module_paths(model, i).values()
+        for path in paths
+        for m in [model.get_submodule(path)]
+    }
+    path = min(widths, key=widths.__getitem__)
+    return path, widths[path]
+
+
+def check_model(cfg: RunConfig, model: nn.Module) -> None:
+    """What ``cfg`` asks of the model's shape: every LoRA rank fits the narrowest LoRA-wrapped
+    layer of the unpruned model, and ``model.max_length`` fits its position embeddings."""
+    m = cfg.model
+    path, width = narrowest_lora_layer(model)
+    require(
+        max(cfg.arms.ranks) <= width,
+        "arms.ranks",
+        f"each <= {width} (the width of {path}, the narrowest LoRA-wrapped layer of model {m.name!r})",
+        list(cfg.arms.ranks),
+    )
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions is not None:
+        require(
+            m.max_length <= positions,
+            "model.max_length",
+            f"<= {positions} (the position embeddings of model {m.name!r})",
+            m.max_length,
+        )
+
+
+def check_data(cfg: RunConfig, data: TaskData) -> None:
+    """Every device can get ``data.min_size`` training examples (so none is left without data)."""
+    d, n_dev = cfg.data, cfg.fleet.devices
+    n = len(data.partition_labels())
+    if n < n_dev * d.min_size:
+        raise ConfigError(
+            f"fleet.devices={n_dev} with data.min_size={d.min_size} needs {n_dev * d.min_size} training "
+            f"examples, data.source {d.source!r} (data.max_examples={d.max_examples}, "
+            f"data.test_fraction={d.test_fraction}) gives {n}: lower fleet.devices or data.min_size, "
+            "or use more data"
+        )
+
+
+@contextmanager
+def _user_input(field: str, value: str, *, local: bool) -> Iterator[None]:
+    """A local file or folder the user named that cannot be read: a ``ConfigError`` naming the
+    field. Errors on the packaged names are ours and pass unchanged."""
+    try:
+        yield
+    except (OSError, ValueError) as exc:
+        if not local or isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"{field} {value!r} cannot be read: {type(exc).__name__}: {exc}") from None
+
+
 def rebuild_local_state(
     model0: nn.Module, kept: KeptIndexMap, applied: Mapping[str, np.ndarray] | None = None
 ) -> LocalState:
@@ -142,4 +219,4 @@ def rebuild_local_state(
     return LocalState(model, kept, applied)
 
 
-__all__ = ["World", "rebuild_local_state"]
+__all__ = ["World", "check_data", "check_model", "narrowest_lora_layer", "rebuild_local_state"]

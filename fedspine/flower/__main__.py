@@ -31,14 +31,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             p.add_argument("--cpus-per-device", type=int, default=1, help="Ray CPUs per virtual device")
     args = ap.parse_args(argv)
 
-    from fedspine.config import load_config
+    from fedspine.config import ConfigError, load_config
     from fedspine.fl.build import check
+    from fedspine.fl.world import World
     from fedspine.flower.local import LocalFederation, write_app
 
     try:
         cfg = check(load_config(args.config, args.overrides))
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        World.build(cfg)  # what the model and the data refuse, here rather than inside Flower's apps
+    except ConfigError as exc:
+        print(f"fedspine: error: {exc}", file=sys.stderr)
         return 2
     out = Path(args.out or f"runs/flower-{args.runtime}").resolve()
     run_config = {

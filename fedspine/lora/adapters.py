@@ -27,6 +27,7 @@ prunes (:mod:`fedspine.lora.coords`). :func:`save_adapter` writes a plain peft a
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -35,6 +36,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
@@ -129,11 +131,60 @@ def attach(
         bias="none",
         task_type=task_type,
     )
+    return reattach(model, config, seed=seed)
+
+
+def reattach(
+    model: nn.Module, config: LoraConfig, *, seed: int = 0, adapter_name: str = "default"
+) -> PeftModel:
+    """Wrap a plain model with a fresh adapter of exactly ``config`` (a copy: rank, alpha,
+    dropout, targets, heads, rsLoRA and the rest stay the user's), lora_A drawn in a forked RNG
+    seeded with ``seed`` (see :func:`attach`)."""
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
         # peft 0.21 calls a property transformers 5.x deprecated; not actionable for our users.
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
         torch.manual_seed(seed)
-        return get_peft_model(model, config)
+        return get_peft_model(model, copy.deepcopy(config), adapter_name=adapter_name)
+
+
+#: LoraConfig fields whose non-default value adds tensors or per-module settings that extract /
+#: load / project do not carry: an adapter with any of them cannot be moved across a prune.
+_NOT_CARRIED = {
+    "use_dora": False,
+    "bias": "none",
+    "rank_pattern": {},
+    "alpha_pattern": {},
+    "lora_bias": False,
+    "trainable_token_indices": None,
+    "layer_replication": None,
+}
+
+
+def adapter_config(peft_model: PeftModel) -> LoraConfig:
+    """The active adapter's ``LoraConfig`` if fedspine can carry the adapter across a prune
+    (:func:`detach`, slice, :func:`reattach`, :func:`load`); else ``ValueError`` saying what is not
+    supported. Checks only; changes nothing."""
+    hf = _hf_model(peft_model)
+    names = sorted(peft_model.peft_config)
+    if len(names) != 1:
+        raise ValueError(f"peft_model must hold exactly one adapter, got {names}")
+    config = peft_model.peft_config[names[0]]
+    if not isinstance(config, LoraConfig):
+        raise ValueError(f"peft_model's adapter must be a LoRA (LoraConfig), got {type(config).__name__}")
+    for name, default in _NOT_CARRIED.items():
+        value = getattr(config, name, default)
+        if value is not None and value != default:
+            raise ValueError(
+                f"LoraConfig.{name}={value!r} is not supported here (its tensors or per-module settings are "
+                f"not carried across a prune); allowed: {default!r}"
+            )
+    for path, module in hf.named_modules():
+        if isinstance(module, LoraLayer) and not isinstance(module, LoraLinear):
+            raise ValueError(
+                f"LoRA on {path} ({type(module).__name__}) is not supported here: only LoRA on nn.Linear "
+                "layers is carried across a prune"
+            )
+    return config
 
 
 def _hf_model(peft_model: PeftModel) -> nn.Module:

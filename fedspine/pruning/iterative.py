@@ -17,9 +17,11 @@ from typing import Any
 import numpy as np
 import torch
 from peft import PeftModel
+from peft.tuners.lora import LoraLayer
+from peft.utils import ModulesToSaveWrapper
 from torch import nn
 
-from fedspine.lora.adapters import attach, detach, load
+from fedspine.lora.adapters import adapter_config, detach, load, reattach
 from fedspine.lora.coords import project
 from fedspine.pruning.arch import arch_shape, family_of, module_slices
 from fedspine.pruning.index_map import KeptIndexMap
@@ -86,6 +88,12 @@ class PruneAndTune:
     ``importance`` is ``"lora_gradient"`` (FedSpine's, the default: EMA over the interval's
     steps) or any criterion of ``fedspine.pruning.IMPORTANCE`` (``"magnitude"``, ``"taylor"``),
     computed on the plain model at each prune; Taylor scores on ``calib``.
+
+    The adapter keeps its own configuration across prunes (its ``LoraConfig``: rank, alpha,
+    dropout, targets, heads). ``rank``, ``alpha`` and ``targets`` are optional checks of it, not
+    changes. A layout that cannot be carried (:func:`fedspine.lora.adapters.adapter_config`; a
+    trainable module that pruning would resize; LoRA-gradient importance without LoRA on both the
+    attention and the MLP of every layer) is refused here, before anything changes.
     """
 
     def __init__(
@@ -95,7 +103,7 @@ class PruneAndTune:
         schedule: PruneSchedule,
         total_steps: int,
         *,
-        rank: int,
+        rank: int | None = None,
         alpha: float | None = None,
         targets: Sequence[str] | None = None,
         seed: int = 0,
@@ -110,10 +118,13 @@ class PruneAndTune:
             raise ValueError("importance 'taylor' needs calib (a batch) to score units at each prune")
         if total_steps < 0:
             raise ValueError(f"total_steps must be >= 0, got {total_steps}")
+        self.config = adapter_config(model)
+        self.adapter_name = model.active_adapter
         self.model, self.kept_map, self.schedule = model, kept_map, schedule
-        self.rank, self.alpha, self.targets, self.seed = rank, alpha, targets, seed
+        self.seed = seed
         self.importance_name, self.calib = importance, calib
         self.family = family_of(self.hf_model)
+        self._check_layout(rank, alpha, targets)
         start = kept_map.sparsity(self.family.mlp_matrices)
         events = total_steps // schedule.prune_interval
         self._targets = cubic_targets(start, schedule.target_ratio, events)
@@ -124,6 +135,46 @@ class PruneAndTune:
     @property
     def hf_model(self) -> nn.Module:
         return self.model.base_model.model
+
+    @property
+    def rank(self) -> int:
+        """The adapter's rank (its ``LoraConfig.r``), the same after every prune."""
+        return int(self.config.r)
+
+    def _check_layout(self, rank: int | None, alpha: float | None, targets: Sequence[str] | None) -> None:
+        """What :meth:`prune_now` needs of the adapter, checked before anything changes."""
+        c = self.config
+        given = {"rank": (rank, c.r), "alpha": (alpha, c.lora_alpha)}
+        if targets is not None:
+            given["targets"] = (sorted(targets), sorted(c.target_modules))
+        for name, (value, own) in given.items():
+            if value is not None and value != own:
+                raise ValueError(
+                    f"{name} must be None or the adapter's own {own!r} (PruneAndTune keeps the adapter's "
+                    f"configuration across prunes), got {value!r}"
+                )
+        hf, fam = self.hf_model, self.family
+        resized = {
+            p for i in range(len(self.kept_map.layers)) for ps in fam.module_paths(hf, i).values() for p in ps
+        }
+        for path, module in hf.named_modules():
+            if isinstance(module, ModulesToSaveWrapper) and any(
+                r == path or r.startswith(path + ".") for r in resized
+            ):
+                raise ValueError(
+                    f"modules_to_save {path!r} holds layers that pruning resizes; only modules outside the "
+                    "pruned q/k/v/o/MLP layers (task heads) can be fully trained here"
+                )
+        if self.importance_name == LORA_GRADIENT:
+            for i in range(len(self.kept_map.layers)):
+                roles = {r for r, ps in fam.module_paths(hf, i).items() for p in ps if _has_lora(hf, p)}
+                for kind, wanted in (("attention", {"q", "k", "v", "o"}), ("MLP", {"mlp_in", "mlp_out"})):
+                    if not roles & wanted:
+                        raise ValueError(
+                            f"importance 'lora_gradient' needs LoRA on the {kind} of every layer (it scores "
+                            f"units by their LoRA gradients); layer {i} has none there (targets "
+                            f"{sorted(c.target_modules)}): add {kind} targets or use importance 'magnitude'"
+                        )
 
     @property
     def achieved_ratio(self) -> float:
@@ -181,10 +232,10 @@ class PruneAndTune:
         """Prune toward ``ratio`` (of the original model) and carry the adapter across.
 
         The adapter is detached (not merged), the plain model is pruned through torch-pruning,
-        the adapter tensors are sliced to the kept rows/columns, and a LoRA of the same rank is
-        re-attached with exactly those values: the model computes what a model with the removed
-        units (and their adapter rows/columns) zeroed would compute. Returns False if nothing
-        needed pruning.
+        the adapter tensors are sliced to the kept rows/columns, and a LoRA of the same
+        configuration is re-attached with exactly those values: the model computes what a model
+        with the removed units (and their adapter rows/columns) zeroed would compute. Returns
+        False if nothing needed pruning.
         """
         fam = self.family
         plan = plan_counts(
@@ -204,11 +255,15 @@ class PruneAndTune:
         relative = KeptIndexMap.full(current).compose(positions)  # positions as a map of the current model
         slices = module_slices(base, relative)
         self.kept_map = prune_model(base, self.kept_map, positions)
-        self.model = attach(base, self.rank, alpha=self.alpha, targets=self.targets, seed=self.seed)
+        self.model = reattach(base, self.config, seed=self.seed, adapter_name=self.adapter_name)
         load(self.model, project(tensors, slices, rank=self.rank), strict=True)
         self.model.train(was_training)
         self.importance.reset()
         return True
+
+
+def _has_lora(model: nn.Module, path: str) -> bool:
+    return isinstance(model.get_submodule(path), LoraLayer)
 
 
 def removed_units(before: KeptIndexMap, after: KeptIndexMap) -> list[tuple[np.ndarray, np.ndarray]]:

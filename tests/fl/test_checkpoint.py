@@ -221,5 +221,5 @@ def test_the_cli_says_in_one_line_which_run_and_file_cannot_be_resumed(tmp_path,
     capsys.readouterr()
     assert main(["run", "--resume", str(run_dir)]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and err.startswith(f"error: cannot resume {run_dir}: ")
+    assert err.count("\n") == 0 and err.startswith(f"fedspine: error: cannot resume {run_dir}: ")
     assert str(run_dir / "checkpoint" / "ckpt-000001" / "arrays.npz") in err

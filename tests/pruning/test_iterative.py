@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 from masking import zero_removed
+from peft import LoraConfig, get_peft_model
 from tiny_models import VOCAB
 
 from fedspine.lora import attach, extract, load
@@ -129,3 +130,70 @@ def test_other_criteria_are_selectable_by_name(importance, ids):
     assert pt.achieved_ratio >= 0.4 and arch_shape(pt.hf_model).num_heads == 2
     with pytest.raises(ValueError, match="importance must be one of"):
         PruneAndTune(pt.model, pt.kept_map, PruneSchedule(0.5), 1, rank=4, importance="random")
+
+
+BERT_TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
+
+
+@pytest.mark.parametrize(
+    "make_adapter",
+    [
+        pytest.param(lambda m: attach(m, 8, alpha=32), id="attach-alpha-32"),
+        pytest.param(
+            lambda m: get_peft_model(
+                m,
+                LoraConfig(
+                    r=8,
+                    lora_alpha=8,
+                    lora_dropout=0.05,
+                    target_modules=BERT_TARGETS,
+                    modules_to_save=["classifier"],
+                ),
+            ),
+            id="own-loraconfig-with-dropout",
+        ),
+        pytest.param(lambda m: attach(m, 8, targets=["query", "value"]), id="q-v-only-magnitude"),
+    ],
+)
+def test_a_prune_keeps_the_adapters_own_configuration(make_adapter, ids):
+    """Issue #14: the re-attached LoRA is the user's (rank, alpha, dropout, targets), and the
+    pruned model still equals the unpruned one with the removed units zeroed."""
+    from tiny_models import tiny_bert
+
+    peft_model = make_adapter(tiny_bert())
+    own = peft_model.peft_config["default"]
+    before = (own.r, own.lora_alpha, own.lora_dropout, sorted(own.target_modules), set(own.modules_to_save))
+    _random_adapter(peft_model)
+    qv_only = sorted(own.target_modules) == ["query", "value"]
+    pt = PruneAndTune(
+        peft_model,
+        KeptIndexMap.full(arch_shape(peft_model.base_model.model)),
+        PruneSchedule(0.5, prune_interval=1),
+        1,
+        importance="magnitude" if qv_only else "lora_gradient",
+    )
+    if not qv_only:
+        peft_model(input_ids=ids, labels=torch.tensor([0, 1])).loss.backward()
+        pt.importance.accumulate(pt._lora_modules())
+    reference = copy.deepcopy(pt.model).eval()
+    assert pt.prune_now(0.5)
+    c = pt.model.peft_config["default"]
+    assert (c.r, c.lora_alpha, c.lora_dropout, sorted(c.target_modules), set(c.modules_to_save)) == before
+    q = pt.hf_model.bert.encoder.layer[0].attention.self.query
+    assert q.scaling["default"] == own.lora_alpha / own.r  # attach(alpha=32) on rank 8: 4, not 2
+    gone = removed_units(KeptIndexMap.full(pt.kept_map.shape), pt.kept_map)
+    shape = pt.kept_map.shape
+    positions = [
+        (
+            [h for h in range(shape.num_heads) if h not in g_heads],
+            [c for c in range(shape.intermediate_size) if c not in g_chans],
+        )
+        for g_heads, g_chans in gone
+    ]
+    merged = reference.merge_and_unload()
+    zero_removed(merged, positions, shape.group_size, shape.head_dim)
+    pt.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            pt.model(input_ids=ids).logits, merged(input_ids=ids).logits, atol=1e-5, rtol=0
+        )
