@@ -52,7 +52,6 @@ class World:
     @classmethod
     def build(cls, cfg: RunConfig) -> World:
         seeds = Seeds(cfg.seed)  # one named stream per consumer (fedspine.seeds)
-        partition_stream = seeds.sequence("partition")
         task = get_task(cfg.model.task)
         model0, tokenizer = build_model(cfg.model.name, 2, seed=seeds.integer("model"), task=task)
         data: TaskData = build_data(
@@ -77,13 +76,18 @@ class World:
             compute_spread=cfg.fleet.compute_spread,
         )
         labels = data.partition_labels()  # causal LM: topics stand in for labels
-        parts = partition(
+        d = cfg.data
+        parts = partition(  # flwr-datasets' partitioners, seeded by 31 bits of the partition stream
             labels,
             cfg.fleet.devices,
-            scheme=cfg.data.partition,
-            alpha=cfg.data.alpha,
-            seed=np.random.default_rng(partition_stream),
-            min_size=cfg.data.min_size,
+            scheme=d.partition,
+            alpha=d.alpha,
+            seed=seeds.integer("partition"),
+            min_size=d.min_size,
+            self_balancing=d.self_balancing,
+            classes_per_device=d.classes_per_device,
+            class_assignment=d.class_assignment,
+            shards_per_device=d.shards_per_device,
         )
         return cls(
             cfg=cfg,
