@@ -1,5 +1,6 @@
 """Command line. ``fedspine run --config FILE [section.field=value ...]`` runs a federated
-simulation; ``fedspine demo`` shows the allocator alone on a synthetic fleet (numpy only).
+simulation; ``fedspine partition`` (same arguments) prints its device partition without training;
+``fedspine demo`` shows the allocator alone on a synthetic fleet (numpy only).
 Parsing and dispatch only; the work lives in the library."""
 
 from __future__ import annotations
@@ -107,6 +108,28 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _partition(args: argparse.Namespace) -> int:
+    from fedspine.config import load_config
+    from fedspine.data.partition import format_stats
+    from fedspine.fl.build import check
+    from fedspine.fl.world import World
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        check(cfg)
+        world = World.build(cfg)  # the run's own data and partition (a min_size it cannot meet fails here)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    d = cfg.data
+    print(
+        f"{d.source}, {cfg.fleet.devices} devices, data.partition={d.partition}, data.alpha={d.alpha}, "
+        f"data.min_size={d.min_size}, seed={cfg.seed} (flwr-datasets partitioners, fedspine.data.partition)"
+    )
+    print(format_stats(world.partition_stats, label_names=world.data.label_names, max_devices=args.rows))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="fedspine", description="Federated prune-and-tune on heterogeneous devices."
@@ -137,6 +160,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume", default=None, metavar="RUN_DIR", help="continue a run from its last checkpoint"
     )
     run.set_defaults(func=_run)
+    part = sub.add_parser(
+        "partition", help="a config's device partition: sizes, label counts, label entropy (no training)"
+    )
+    part.add_argument("--config", default=None, help="YAML or TOML file, as for run")
+    part.add_argument("overrides", nargs="*", help="section.field=value, e.g. data.alpha=0.1 seed=1")
+    part.add_argument("--rows", type=int, default=None, help="show at most this many devices (default: all)")
+    part.set_defaults(func=_partition)
     sub.add_parser(
         "flower",
         help="the same run on Flower: fedspine flower sim|deploy --config FILE [overrides]",
