@@ -127,8 +127,8 @@ def partition(
       per class ``p_c ~ Dir(alpha * 1_K)`` over the ``K`` devices (Hsu et al. 2019, arXiv
       1909.06335; the per-class form of Yurochkin et al. 2019 and NIID-Bench). Small ``alpha``
       gives each device few classes. A draw with a device under ``min_size`` is redrawn: flwr-datasets
-      stops after 11 draws, we ask it again up to ``max_attempts`` times (1,100 draws; see
-      ``_load_all``), then an error says what to relax.
+      stops after 11 draws, we ask it again up to ``max_attempts`` times (by default 100 calls,
+      1,100 draws; see ``_load_all``), then an error says what to relax.
     * ``"pathological"``: ``PathologicalPartitioner``: each device holds ``classes_per_device``
       classes chosen by ``class_assignment`` (``random``; ``deterministic``: device ``i`` gets
       classes ``i, i+1, ...``; ``first-deterministic``: class ``i mod C``, then random ones), and a
