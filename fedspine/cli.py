@@ -1,5 +1,6 @@
 """Command line. ``fedspine run --config FILE [section.field=value ...]`` runs a federated
-simulation; ``fedspine partition`` (same arguments) prints its device partition without training;
+simulation; ``fedspine config show`` prints the effective config of the same arguments;
+``fedspine partition`` (same arguments) prints its device partition without training;
 ``fedspine demo`` shows the allocator alone on a synthetic fleet (numpy only).
 Parsing and dispatch only; the work lives in the library."""
 
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 from collections.abc import Sequence
 
 import numpy as np
@@ -99,10 +101,15 @@ def _run(args: argparse.Namespace) -> int:
     except ValueError as exc:  # a wrong config: say which field and what is allowed, before any work
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    from fedspine.fl.checkpoint import CheckpointError
     from fedspine.fl.simulator import default_run_dir, run_in_dir
 
     run_dir = Path(args.resume) if args.resume else default_run_dir(cfg)
-    result = run_in_dir(cfg, run_dir, resume=bool(args.resume), verbose=True)
+    try:
+        result = run_in_dir(cfg, run_dir, resume=bool(args.resume), verbose=True)
+    except CheckpointError as exc:  # every generation damaged: name the run and the files, no traceback
+        print(f"error: cannot resume {run_dir}: {exc}", file=sys.stderr)
+        return 2
     print(json.dumps(result.summary, indent=2, default=float))
     print(f"per-round metrics: {run_dir / 'metrics.jsonl'}")
     return 0
@@ -130,6 +137,40 @@ def _partition(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_show(args: argparse.Namespace) -> int:
+    from fedspine.config import load_config, to_yaml
+    from fedspine.fl.build import effective
+    from fedspine.fl.strategies import STRATEGIES
+
+    try:
+        cfg = effective(load_config(args.config, args.overrides))
+    except ValueError as exc:  # the same refusal as `fedspine run`, before any work
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(to_yaml(cfg), end="")
+    if cfg.strategy.aggregation is None:
+        rule = STRATEGIES[cfg.strategy.name].aggregation
+        print(f"# strategy.aggregation null: the rule of strategy {cfg.strategy.name!r}, {rule!r}")
+    return 0
+
+
+def _sections() -> str:
+    """The run config's sections and their fields, from the dataclasses (``run --help``)."""
+    from fedspine.config import field_defaults
+
+    sections: dict[str, list[str]] = {}
+    for name in field_defaults():
+        section, _, leaf = name.rpartition(".")
+        sections.setdefault(section or "(top level)", []).append(leaf)
+    width = max(map(len, sections)) + 2
+    lines = ["config sections and their fields (section.field=value; `fedspine config show` prints all):"]
+    for section, names in sections.items():
+        body = textwrap.wrap(", ".join(names), 96 - width)
+        lines += [f"  {section:<{width}}{body[0]}", *(f"  {'':<{width}}{line}" for line in body[1:])]
+    lines.append("  strategy.params are the strategy's typed fields (FedSpineParams, FixedPruneParams, ...)")
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="fedspine", description="Federated prune-and-tune on heterogeneous devices."
@@ -149,13 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-safe", action="store_true", help="objective paper: per-device bandits only")
     demo.add_argument("--every", type=int, default=10, help="print every N rounds")
     demo.set_defaults(func=_demo)
-    run = sub.add_parser("run", help="a federated simulation from a YAML/TOML config plus overrides")
-    run.add_argument(
-        "--config", default=None, help="YAML or TOML file (default: built-in tiny smoke settings)"
+    run = sub.add_parser(
+        "run",
+        help="a federated simulation from a YAML/TOML config plus overrides",
+        epilog=_sections(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    run.add_argument(
-        "overrides", nargs="*", help="section.field=value, e.g. strategy.name=hetlora train.rounds=5"
-    )
+    _config_arguments(run)
     run.add_argument(
         "--resume", default=None, metavar="RUN_DIR", help="continue a run from its last checkpoint"
     )
@@ -167,12 +208,30 @@ def build_parser() -> argparse.ArgumentParser:
     part.add_argument("overrides", nargs="*", help="section.field=value, e.g. data.alpha=0.1 seed=1")
     part.add_argument("--rows", type=int, default=None, help="show at most this many devices (default: all)")
     part.set_defaults(func=_partition)
+    config = sub.add_parser("config", help="the effective config: config show --config FILE [overrides]")
+    show = config.add_subparsers(dest="action", required=True).add_parser(
+        "show",
+        help="print the full effective config as YAML, every default included",
+        epilog=_sections(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _config_arguments(show)
+    show.set_defaults(func=_config_show)
     sub.add_parser(
         "flower",
         help="the same run on Flower: fedspine flower sim|deploy --config FILE [overrides]",
         add_help=False,
     )
     return ap
+
+
+def _config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", default=None, help="YAML or TOML file (default: built-in tiny smoke settings)"
+    )
+    parser.add_argument(
+        "overrides", nargs="*", help="section.field=value, e.g. strategy.name=hetlora train.rounds=5"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -50,6 +50,8 @@ STRATEGY_NAMES = (
 )
 AGGREGATION_RULES = ("zero-pad", "hetlora", "flexlora", "flora", "fedspine")
 IMPORTANCES = ("lora_gradient", "magnitude", "taylor")
+# FaultConfig.corrupt_kinds (fedspine.fl.faults): what a corrupt update gets wrong
+CORRUPT_KINDS = ("nan", "inf", "shape", "keys", "norm")
 
 
 @dataclass(frozen=True)
@@ -186,6 +188,44 @@ class LogConfig:
     wandb: str = "disabled"  # disabled | offline | online
     wandb_project: str = "fedspine"
     progress: bool = True
+    # The global adapter (original coordinates, rank r_max, the head included) as a peft adapter
+    # directory, <run dir>/adapters/round-NNNN, after each of these rounds; with
+    # save_adapter_final also <run dir>/adapters/final after the last round. It loads with
+    # PeftModel.from_pretrained on the unpruned base (fedspine.fl.simulator, README).
+    save_adapter_rounds: tuple[int, ...] = ()
+    save_adapter_final: bool = False
+
+
+@dataclass(frozen=True)
+class FaultConfig:
+    """Injected device faults, to study robustness (``fedspine.fl.faults``). Each is a probability
+    per device and round; a device gets at most one fault a round. Drawn from their own stream
+    (seeded per run, device and round), so they never shift another random draw of the run."""
+
+    dropout: float = 0.0  # no reply at all: the server waits until the round's deadline
+    crash: float = 0.0  # an error reply mid-training; the device's state stays where the server saw it
+    straggle: float = 0.0  # the reply arrives past the round's deadline and is dropped
+    corrupt: float = 0.0  # the reply's update is corrupted in one of ``corrupt_kinds``
+    corrupt_kinds: tuple[str, ...] = CORRUPT_KINDS  # nan, inf, shape, keys, norm (x norm_factor)
+    norm_factor: float = 1e6  # a "norm" corruption multiplies the update's size by this
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """The server's defences against faulty devices (``fedspine.fl.screening``, the round loop)."""
+
+    validate: bool = True  # check every update (finite, keys, shapes, norm) before it is used
+    # Reject an update whose size exceeds norm_k x the low median of the round's update sizes and
+    # the last norm_history accepted ones (ours; the history is the floor for rounds with few
+    # devices). None = no norm bound.
+    norm_k: float | None = 10.0
+    norm_history: int = 16
+    min_success: int = 1  # fewer accepted updates: the round keeps the previous global state
+    # The round deadline in seconds (simulated or measured): a reply later than it is dropped.
+    # None: no reply is dropped for its time; missed replies and failed rounds cost
+    # deadline_factor x the slowest participant's noise-free modelled round time.
+    deadline_s: float | None = None
+    deadline_factor: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -199,6 +239,8 @@ class RunConfig:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    faults: FaultConfig = field(default_factory=FaultConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
     checkpoint_every: int = 1
 
     def to_dict(self) -> dict[str, Any]:
@@ -297,8 +339,52 @@ def validate(cfg: RunConfig) -> RunConfig:
     need(agg is None or agg in rules, "strategy.aggregation", f"None or one of {rules}", agg)
     need(cfg.eval.every >= 1, "eval.every", ">= 1", cfg.eval.every)
     need(cfg.log.wandb in WANDB_MODES, "log.wandb", f"one of {list(WANDB_MODES)}", cfg.log.wandb)
+    saves = cfg.log.save_adapter_rounds
+    need(
+        all(isinstance(r, int) and not isinstance(r, bool) and 1 <= r <= t.rounds for r in saves),
+        "log.save_adapter_rounds",
+        f"round numbers in [1, train.rounds = {t.rounds}]",
+        saves,
+    )
+    need(
+        isinstance(cfg.log.save_adapter_final, bool),
+        "log.save_adapter_final",
+        "true or false",
+        cfg.log.save_adapter_final,
+    )
     need(cfg.checkpoint_every >= 1, "checkpoint_every", ">= 1", cfg.checkpoint_every)
+    _validate_faults(cfg.faults, cfg.server)
     return cfg
+
+
+def _validate_faults(fc: FaultConfig, sc: ServerConfig) -> None:
+    def finite(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    for name in ("dropout", "crash", "straggle", "corrupt"):
+        v = getattr(fc, name)
+        require(finite(v) and 0 <= v <= 1, f"faults.{name}", "a probability in [0, 1]", v)
+    total = fc.dropout + fc.crash + fc.straggle + fc.corrupt
+    require(
+        total <= 1, "faults", "probabilities summing to at most 1 (one fault per device and round)", total
+    )
+    kinds = fc.corrupt_kinds
+    require(
+        len(kinds) > 0 and all(k in CORRUPT_KINDS for k in kinds),
+        "faults.corrupt_kinds",
+        f"a non-empty list of {list(CORRUPT_KINDS)}",
+        kinds,
+    )
+    nf = fc.norm_factor
+    require(finite(nf) and nf > 1, "faults.norm_factor", "a number > 1", nf)
+    k = sc.norm_k
+    require(k is None or (finite(k) and k > 1), "server.norm_k", "None or a number > 1", k)
+    require(sc.norm_history >= 0, "server.norm_history", ">= 0", sc.norm_history)
+    require(sc.min_success >= 1, "server.min_success", ">= 1", sc.min_success)
+    d = sc.deadline_s
+    require(d is None or (finite(d) and d > 0), "server.deadline_s", "None or a number of seconds > 0", d)
+    f = sc.deadline_factor
+    require(finite(f) and f >= 1, "server.deadline_factor", "a number >= 1", f)
 
 
 def require(ok: bool, name: str, allowed: str, value: Any) -> None:
@@ -339,6 +425,49 @@ def config_from_mapping(raw: Mapping[str, Any], overrides: Mapping[str, Any] | N
                 raise ValueError(f"override {key}={value!r}: {part!r} is not a section")
         node[parts[-1]] = copy.deepcopy(value)
     return validate(from_mapping(RunConfig, raw, ""))
+
+
+def field_defaults(cls: type = RunConfig, where: str = "") -> dict[str, Any]:
+    """Every field's full name (``"train.lr"``) and default, sections flattened, in declaration
+    order: what ``fedspine run --help`` lists and the README's configuration tables hold."""
+    out: dict[str, Any] = {}
+    defaults = cls()
+    for f in dataclasses.fields(cls):
+        value = getattr(defaults, f.name)
+        if dataclasses.is_dataclass(value):
+            out.update(field_defaults(type(value), f"{where}{f.name}."))
+        else:
+            out[f"{where}{f.name}"] = value
+    return out
+
+
+class _Dumper(yaml.SafeDumper):
+    """Block style for sections, flow style for lists (``ranks: [4, 8, 16]``)."""
+
+
+_Dumper.add_representer(
+    list, lambda dumper, value: dumper.represent_sequence("tag:yaml.org,2002:seq", value, flow_style=True)
+)
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    """The whole config as YAML, every default written out; ``load_config`` reads it back to ``cfg``."""
+    return yaml.dump(_plain(cfg.to_dict()), Dumper=_Dumper, sort_keys=False, width=100)
+
+
+def yaml_value(value: Any) -> str:
+    """One value as it is written in a YAML file or an ``a.b=value`` override (``null``, ``[4, 8]``)."""
+    text = yaml.safe_dump(_plain(value), default_flow_style=True, width=10_000).strip()
+    return text.removesuffix("...").strip()
+
+
+def _plain(value: Any) -> Any:
+    """Tuples as lists, recursively (YAML's safe dumper knows no tuples)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
 
 
 def from_mapping(cls: type, raw: Any, where: str) -> Any:

@@ -8,6 +8,7 @@ module would shadow the standard library's ``logging``.)
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ class RunLogger:
         self.path = self.dir / "metrics.jsonl"
         if not resume and self.path.exists():
             self.path.unlink()
-        (self.dir / "config.json").write_text(json.dumps(config, indent=2, default=str))
+        write_atomic(self.dir / "config.json", json.dumps(config, indent=2, default=str))
         self._wandb = None
         self._arm_rows: list[list[Any]] = []
         if wandb_mode != "disabled":
@@ -59,10 +60,10 @@ class RunLogger:
     def replace(self, records: list[dict[str, Any]]) -> None:
         """On resume: the log holds exactly the checkpointed rounds (later lines were never
         checkpointed and will be recomputed)."""
-        self.path.write_text("".join(json.dumps(r, default=float) + "\n" for r in records))
+        write_atomic(self.path, "".join(json.dumps(r, default=float) + "\n" for r in records))
 
     def finish(self, summary: dict[str, Any]) -> None:
-        (self.dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+        write_atomic(self.dir / "summary.json", json.dumps(summary, indent=2, default=float))
         if self._wandb is not None:
             import wandb
 
@@ -75,6 +76,14 @@ class RunLogger:
             )
             self._wandb.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float))})
             self._wandb.finish()
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so a kill leaves the old file or the new one, never half of one
+    (``--resume`` reads config.json; a resume rewrites metrics.jsonl)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:

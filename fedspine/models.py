@@ -232,6 +232,10 @@ def accuracy(model: nn.Module, data: dict[str, torch.Tensor], batch_size: int = 
     correct, n = 0, len(data["labels"])
     for start in range(0, n, batch_size):
         batch = {k: v[start : start + batch_size] for k, v in data.items() if k != "labels"}
+        if "attention_mask" in batch:  # trailing all-padding columns changes nothing: cut them
+            used = torch.nonzero(batch["attention_mask"].any(0)).flatten()
+            width = int(used.max()) + 1 if used.numel() else 1
+            batch = {k: v[:, :width] if v.dim() == 2 else v for k, v in batch.items()}
         pred = model(**batch).logits.argmax(-1)
         correct += int((pred == data["labels"][start : start + batch_size]).sum())
     model.train(was_training)

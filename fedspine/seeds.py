@@ -30,6 +30,7 @@ STREAMS = (
     "model",  # the task head's initialisation (torch)
     "init",  # the global adapter's initialisation (the reference peft model)
     "clients",  # the root of every client step's seed (fedspine.fl.client.step_seed)
+    "faults",  # injected device faults (fedspine.fl.faults), one draw per (device, round)
 )
 
 

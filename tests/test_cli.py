@@ -47,7 +47,7 @@ def test_demo_runs(capsys):
 def test_resume_continues_a_run_from_its_checkpoint(tmp_path):
     assert main(smoke_run(tmp_path)) == 0
     run_dir = tmp_path / "fedspine-seed0"
-    assert (run_dir / "checkpoint" / "state.json").exists()
+    assert (run_dir / "checkpoint" / "ckpt-000002" / "MANIFEST.json").exists()
     assert main(["run", "--resume", str(run_dir)]) == 0  # already finished: nothing left to run
     assert [r["round"] for r in read_metrics(run_dir)] == [1, 2]
     assert main(["run", "--resume", str(run_dir), "train.rounds=3"]) == 2

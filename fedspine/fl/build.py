@@ -13,6 +13,8 @@ allowed. numpy only.
 
 from __future__ import annotations
 
+import dataclasses
+
 from fedspine.bandit import ArmSpace
 from fedspine.config import RunConfig, validate
 from fedspine.fl.strategies import STRATEGIES, StrategyContext
@@ -26,7 +28,12 @@ def check(cfg: RunConfig) -> RunConfig:
     space = ArmSpace.grid(list(cfg.arms.ratios), list(cfg.arms.ranks))
     strategy = STRATEGIES[s.name](StrategyContext(space, {}, cfg.seed, s.params))
     rule = s.aggregation or strategy.aggregation
-    get_aggregator(rule)
+    if get_aggregator(rule).changes_base and (cfg.log.save_adapter_rounds or cfg.log.save_adapter_final):
+        raise ValueError(
+            f"log.save_adapter_rounds / log.save_adapter_final cannot save the global model of aggregation "
+            f"rule {rule!r} as a peft adapter: it folds each round into the base weights, which an adapter "
+            "does not hold; use another rule or leave both unset"
+        )
     t = cfg.train
     if t.runner == "batched":
         # what fedspine.fl.batched.batchable refuses, said before anything loads
@@ -48,4 +55,13 @@ def check(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
-__all__ = ["check"]
+def effective(cfg: RunConfig) -> RunConfig:
+    """``cfg``, checked, with ``strategy.params`` written out in full: the strategy's typed
+    params with every default (what ``fedspine config show`` prints). It runs exactly as ``cfg``.
+    ``strategy.aggregation`` stays as given: filled in, it would outlive a change of strategy."""
+    check(cfg)
+    params = dataclasses.asdict(STRATEGIES[cfg.strategy.name].parse_params(cfg.strategy.params))
+    return dataclasses.replace(cfg, strategy=dataclasses.replace(cfg.strategy, params=params))
+
+
+__all__ = ["check", "effective"]

@@ -10,6 +10,7 @@ its own state. The loop never looks at device state: it knows only what the devi
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -22,17 +23,20 @@ from fedspine.fl.messages import TrainIns, TrainRes
 from fedspine.fl.world import World
 from fedspine.pruning.index_map import KeptIndexMap
 
+LOG = logging.getLogger("fedspine")
 APPLIED = "applied/"  # checkpoint array prefix of a device's applied base delta: applied/<device>/<path>
 
 
 @dataclass(frozen=True)
 class Reply:
     """One device's answer to its ``TrainIns``: a result, or why there is none; on real devices
-    also the wall time the round took there."""
+    also the wall time the round took there. ``timed_out``: no reply came before the round's
+    deadline (the server waited that long for it)."""
 
     result: TrainRes | None = None
     failure: str = ""
     measured_s: float | None = None
+    timed_out: bool = False
 
 
 class DeviceRunner(Protocol):
@@ -49,8 +53,10 @@ class DeviceRunner(Protocol):
         self, rnd: int, ins: Mapping[str, TrainIns], held: Mapping[str, KeptIndexMap]
     ) -> Mapping[str, Reply]:
         """Deliver ``ins``. ``held`` is what the server believes each of the round's participants
-        holds (its last reported kept map), including participants that get no ``ins`` (they
-        failed before sending). A device missing from the answer failed."""
+        holds (its last accepted kept map), including participants that get no ``ins`` (they
+        failed before sending); a device whose state moved on unseen (it crashed, was late, or
+        its update was rejected) goes back to that state first. A device missing from the
+        answer failed; a device that raises fails, the others' replies stand."""
         ...
 
     def device_models(self) -> Mapping[str, nn.Module]:
@@ -71,7 +77,8 @@ class InProcessRunner:
     """Every device in this process, one after the other, with modelled round times.
 
     Owns each device's ``LocalState``. A device gets its copy of the base model when it first
-    takes part in a round (even one it fails before training, as it always did)."""
+    takes part in a round (even one it fails before training, as it always did), and a new one
+    when the server's ``held`` map is not what it holds (its last round did not count)."""
 
     modelled = True
 
@@ -85,13 +92,20 @@ class InProcessRunner:
     def execute(
         self, rnd: int, ins: Mapping[str, TrainIns], held: Mapping[str, KeptIndexMap]
     ) -> dict[str, Reply]:
-        for d in held:
-            if d not in self.states:
-                self.states[d] = self.world.device_state()
+        for d, kept in held.items():
+            state = self.states.get(d)
+            if state is None or state.kept_map != kept:
+                # applied deltas start over: a base delta is cumulative and sent whole each round
+                self.states[d] = self.world.device_state(kept)
         out = {}
         for d, i in ins.items():
-            res, self.states[d] = client_step(i, self.states[d], self.world.local_data(d))
-            out[d] = Reply(res)
+            try:
+                res, self.states[d] = client_step(i, self.states[d], self.world.local_data(d))
+            except Exception as exc:  # a failing device fails alone
+                del self.states[d]  # pruned in place part-way: rebuilt from held next time
+                out[d] = failed_reply(rnd, d, exc)
+            else:
+                out[d] = Reply(res)
         return out
 
     def device_models(self) -> dict[str, nn.Module]:
@@ -111,4 +125,10 @@ class InProcessRunner:
             self.states[d] = self.world.device_state(KeptIndexMap.from_dict(kept), applied)
 
 
-__all__ = ["DeviceRunner", "InProcessRunner", "Reply"]
+def failed_reply(rnd: int, device: str, exc: BaseException) -> Reply:
+    """The failure a device that raised ``exc`` reports (and a warning in the log)."""
+    LOG.warning("round %d: device %s raised %s: %s", rnd, device, type(exc).__name__, exc)
+    return Reply(failure=f"raised {type(exc).__name__}: {exc}")
+
+
+__all__ = ["DeviceRunner", "InProcessRunner", "Reply", "failed_reply"]

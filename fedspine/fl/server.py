@@ -16,6 +16,7 @@ import numpy as np
 
 from fedspine.config import ClientConfig
 from fedspine.fl.messages import Failure, TrainIns, TrainRes
+from fedspine.fl.screening import NormScreen, check_update, expected_shapes
 from fedspine.fl.strategies import ArmAssigner
 from fedspine.lora.aggregate import DeviceUpdate, get_aggregator
 from fedspine.pruning.index_map import ArchShape, KeptIndexMap, ModuleSlice
@@ -39,6 +40,10 @@ class Server:
         aggregation: str | None = None,
         server_lr: float = 1.0,
         server_momentum: float = 0.0,
+        norm_k: float | None = 10.0,
+        norm_history: int = 16,
+        min_success: int = 1,
+        scaling: float = 1.0,
     ):
         """``client_config`` is what every device is told to train with, and ``seed`` the run's
         seed (each device derives its round's randomness from it; ``init_seed``, default ``seed``,
@@ -50,6 +55,10 @@ class Server:
         The defaults (1, 0) are plain aggregation. Under label skew a round whose sampled devices
         all lean one way moves the global model a full step that way; momentum averages that over
         rounds. Applied to every array whose shape the rule keeps (factors, heads, base deltas).
+
+        ``screen`` checks updates (``fedspine.fl.screening``: ``norm_k``/``norm_history`` bound
+        their size, ``scaling`` is the LoRA scale in it); ``finish`` aggregates only a round with
+        at least ``min_success`` accepted updates.
         """
         if not server_lr > 0:
             raise ValueError(f"server_lr must be > 0, got {server_lr}")
@@ -65,6 +74,9 @@ class Server:
         init = seed if init_seed is None else init_seed
         self.state = self.rule.init_state(self.global_shapes, self.r_max, rng=init, heads=dict(heads))
         self.kept: dict[str, KeptIndexMap] = {}
+        self.head_shapes = {k: tuple(np.shape(v)) for k, v in heads.items()}
+        self.norms = NormScreen(norm_k, norm_history, scaling)
+        self.min_success = int(min_success)
 
     def kept_map(self, device: str) -> KeptIndexMap:
         return self.kept.get(device) or KeptIndexMap.full(self.shape)
@@ -85,25 +97,44 @@ class Server:
             )
         return out
 
+    def check(self, res: TrainRes, ins: TrainIns) -> str:
+        """Why ``res``, the answer to ``ins``, cannot be used on its own ("" when it can)."""
+        return check_update(res, ins, self.kept_map(ins.device_id), self._shapes_for)
+
+    def _shapes_for(self, kept: KeptIndexMap, rank: int) -> dict[str, tuple[int, ...]]:
+        return expected_shapes(_slices(kept, self.module_roles), self.global_shapes, self.head_shapes, rank)
+
+    def screen(
+        self, results: Sequence[TrainRes], ins: Mapping[str, TrainIns]
+    ) -> tuple[list[TrainRes], dict[str, str]]:
+        """The updates the strategy and the aggregator may see, and {device: why} for the rest:
+        each ``check``-ed on its own, then the passing ones' sizes against each other."""
+        rejected = {r.device_id: why for r in results if (why := self.check(r, ins[r.device_id]))}
+        accepted, too_large = self.norms.screen([r for r in results if r.device_id not in rejected])
+        return accepted, {**rejected, **too_large}
+
     def finish(
         self,
         rnd: int,
         results: Sequence[TrainRes],
         failures: Sequence[Failure],
         round_time_s: Mapping[str, float],
-    ) -> None:
-        """Feed the strategy, record what each device kept, aggregate the completed updates.
+    ) -> bool:
+        """Feed the strategy, record what each device kept, aggregate the completed updates;
+        whether it aggregated (at least ``min_success`` updates).
 
         A failed device contributes nothing, so a slow or crashed client never corrupts the
-        global state; its kept map stays what it last reported.
+        global state; its kept map stays what it last reported. ``results`` are screened ones.
         """
         self.strategy.observe(rnd, results, failures, round_time_s)
         for r in results:
             self.kept[r.device_id] = KeptIndexMap.from_dict(r.kept_map)
         updates = [DeviceUpdate(r.adapter, self.slices(r.device_id), r.rank, r.num_samples) for r in results]
-        if updates:
-            new = self.rule.aggregate(self.state, updates, global_shapes=self.global_shapes, r_max=self.r_max)
-            self.state = self._server_step(self.state, new)
+        if not updates or len(updates) < self.min_success:
+            return False
+        new = self.rule.aggregate(self.state, updates, global_shapes=self.global_shapes, r_max=self.r_max)
+        self.state = self._server_step(self.state, new)
+        return True
 
     def _server_step(
         self, old: Mapping[str, np.ndarray], new: dict[str, np.ndarray]
@@ -124,6 +155,7 @@ class Server:
             "momentum": {k: v.copy() for k, v in self.momentum.items()},
             "kept": {d: m.to_dict() for d, m in self.kept.items()},
             "strategy": self.strategy.state_dict(),
+            "norm_history": self.norms.state_dict(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -131,6 +163,7 @@ class Server:
         self.momentum = {k: np.asarray(v) for k, v in state.get("momentum", {}).items()}
         self.kept = {d: KeptIndexMap.from_dict(m) for d, m in state["kept"].items()}
         self.strategy.load_state_dict(state["strategy"])
+        self.norms.load_state_dict(state.get("norm_history", []))  # absent: written before screening
 
 
 def server_step(

@@ -16,31 +16,45 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from peft import PeftModel
 from torch import nn
 
 from fedspine.bandit import ArmSpace
 from fedspine.config import RunConfig
 from fedspine.fl import checkpoint
 from fedspine.fl.build import check
+from fedspine.fl.faults import DROPOUT, FaultInjector
 from fedspine.fl.messages import Failure, TrainRes
 from fedspine.fl.runners import DeviceRunner, InProcessRunner, Reply
 from fedspine.fl.server import Server
 from fedspine.fl.strategies import StrategyContext, make_strategy
-from fedspine.fl.time_model import Workload, fits, round_time, round_work_for_map, round_work_for_ratio
+from fedspine.fl.time_model import (
+    Workload,
+    expected_round_time_s,
+    fits,
+    round_time,
+    round_work_for_map,
+    round_work_for_ratio,
+)
 from fedspine.fl.world import World
 from fedspine.logging import RunLogger
-from fedspine.lora import adapter_shapes, attach, extract, load
+from fedspine.lora import adapter_shapes, attach, extract, load, save_adapter
+from fedspine.lora.adapters import ALPHA_PER_RANK
 from fedspine.lora.coords import split_key
 from fedspine.pruning.index_map import KeptIndexMap
 from fedspine.seeds import Seeds
+
+LOG = logging.getLogger("fedspine")
 
 
 @dataclass
@@ -92,7 +106,12 @@ class Simulation:
             server_lr=t.server_lr,
             server_momentum=t.server_momentum,
             client_config=t.client(),
+            norm_k=cfg.server.norm_k,
+            norm_history=cfg.server.norm_history,
+            min_success=cfg.server.min_success,
+            scaling=ALPHA_PER_RANK,
         )
+        self.faults = FaultInjector(cfg.faults, seeds.integer("faults"))
         self.clock_s = 0.0
         self.round = 0
         # The time model counts the vocabulary-sized output layer only for a causal LM.
@@ -108,6 +127,17 @@ class Simulation:
         if k >= len(pool):
             return pool
         return sorted(self.rng_sampling.choice(pool, size=k, replace=False).tolist())
+
+    def deadline(self, expected: Mapping[str, float]) -> float:
+        """The round's deadline: ``server.deadline_s``, or ``server.deadline_factor`` times the
+        slowest participant's ``expected`` (noise-free modelled) round time (ours). Measured
+        rounds without ``deadline_s`` have none of their own: they cost what they waited."""
+        fixed = self.cfg.server.deadline_s
+        if fixed is not None:
+            return float(fixed)
+        if not self.runner.modelled:
+            return 0.0
+        return self.cfg.server.deadline_factor * max(expected.values(), default=0.0)
 
     def work(self, kept: KeptIndexMap | None, ratio: float, rank: int):
         t, m = self.cfg.train, self.cfg.model
@@ -125,7 +155,12 @@ class Simulation:
         return round_work_for_ratio(self.world.shape, ratio, load, round_to=t.round_to)
 
     def run_round(self) -> dict[str, Any]:
-        """One round; the client steps run wherever the runner sends them."""
+        """One round; the client steps run wherever the runner sends them.
+
+        Faults (``cfg.faults``) are injected on the runner's replies; every reply is screened
+        (``Server.screen``) before the allocator or the aggregator sees it. The server waits for
+        replies until the round's deadline (``deadline``): a missed reply, and a round with
+        fewer than ``server.min_success`` accepted updates, cost it on the clock."""
         self.round += 1
         rnd = self.round
         wall = time.perf_counter()
@@ -138,31 +173,67 @@ class Simulation:
         bytes_up = bytes_down = energy = 0.0
         modelled = runner.modelled
         held = {d: self.server.kept_map(d) for d in devices}  # what each device last reported
-        sent = {}
+        sent, expected = {}, {}
         for d in devices:
             ratio = max(ins[d].ratio, held[d].sparsity(world.family.mlp_matrices))
             planned = self.work(None, ratio, ins[d].rank)
+            expected[d] = sum(expected_round_time_s(world.profiles[d], planned))
             if modelled and not fits(world.profiles[d], planned):
                 failures.append(Failure(rnd, d, "out of memory"))
             else:
                 sent[d] = ins[d]
-        replies = runner.execute(rnd, sent, held)
-        for d in sent:  # device order: the jitter stream is drawn the same way on every engine
-            reply = replies.get(d) or Reply(failure="no reply")
+        deadline = self.deadline(expected)
+        faults = self.faults.draw(rnd, list(sent))
+        replies = runner.execute(rnd, {d: i for d, i in sent.items() if faults.get(d) != DROPOUT}, held)
+        replies = self.faults.apply(rnd, replies, faults)
+        got: dict[str, Reply] = {}
+        waited = [0.0]  # how long the server waited for replies it does not use
+        for d in sent:
+            reply = replies.get(d) or Reply(failure="no reply", timed_out=True)
             if reply.result is None:
                 failures.append(Failure(rnd, d, reply.failure or "no reply"))
+                if reply.timed_out:
+                    waited.append(deadline if reply.measured_s is None else reply.measured_s)
+            else:
+                got[d] = reply
+        rejected: dict[str, str] = {}
+        if self.cfg.server.validate:
+            _, rejected = self.server.screen([r.result for r in got.values()], ins)
+        for d in sent:  # device order: the jitter stream is drawn the same way on every engine
+            if d not in got:
+                continue
+            reply = got[d]
+            if d in rejected:
+                LOG.warning("round %d: update of device %s rejected: %s", rnd, d, rejected[d])
+                failures.append(Failure(rnd, d, f"rejected: {rejected[d]}"))
+                waited.append(expected[d] if reply.measured_s is None else reply.measured_s)
                 continue
             res = reply.result
             work = self.work(KeptIndexMap.from_dict(res.kept_map), 0.0, res.rank)
             measured = None if modelled else reply.measured_s
             timing = round_time(world.profiles[d], work, self.rng_jitter, measured_s=measured)
+            hard = self.cfg.server.deadline_s
+            if hard is not None and timing.total_s > hard:
+                why = f"past the round deadline ({timing.total_s:.3g} s > {hard:g} s)"
+                failures.append(Failure(rnd, d, why))
+                waited.append(hard)
+                continue
             results.append(res)
             times[d] = timing.total_s
             bytes_up += work.up_bytes
             bytes_down += work.down_bytes
             energy += timing.energy_j
-        self.server.finish(rnd, results, failures, times)
-        makespan = max(times.values(), default=0.0)
+        aggregated = self.server.finish(rnd, results, failures, times)
+        makespan = max(max(times.values(), default=0.0), *waited)
+        if not aggregated:
+            makespan = max(makespan, deadline)  # a failed round costs its deadline
+            LOG.warning(
+                "round %d: %d of %d updates accepted (server.min_success=%d): the global state is kept",
+                rnd,
+                len(results),
+                len(devices),
+                self.server.min_success,
+            )
         self.clock_s += makespan
         record: dict[str, Any] = {
             "round": rnd,
@@ -175,6 +246,9 @@ class Simulation:
             "waiting_s": {d: makespan - t for d, t in times.items()},
             "mean_waiting_s": float(np.mean([makespan - t for t in times.values()])) if times else 0.0,
             "failures": {f.device_id: f.reason for f in failures},
+            "faults": faults,
+            "rejected": rejected,
+            "aggregated": aggregated,
             "bytes_up": bytes_up,
             "bytes_down": bytes_down,
             "energy_j": energy,
@@ -217,6 +291,8 @@ class Simulation:
         """Bring a freshly built simulation (same config) to the checkpointed round."""
         saved = copy.deepcopy(state["config"])
         saved.get("model", {}).setdefault("task", "classification")  # written before model.task existed
+        for section in ("faults", "server"):  # written before faults and defences existed
+            saved.setdefault(section, json.loads(json.dumps(self.cfg.to_dict()[section])))
         if saved != json.loads(json.dumps(self.cfg.to_dict())):
             raise ValueError("the checkpoint was written with a different configuration; refusing to resume")
         server = dict(state["server"])
@@ -239,21 +315,54 @@ class Simulation:
         load(peft_model, dist.adapter, strict=True)
         return peft_model
 
-    def evaluate_global(self) -> float:
-        """The unpruned model with the global adapter (at r_max). Returns the accuracy (causal LM:
-        next-token accuracy on the test answers); every metric is kept in ``last_metrics``."""
-        model = self._with_adapter(
+    def global_model(self) -> nn.Module:
+        """ "The global model": a copy of the unpruned base with the global adapter (at r_max)."""
+        return self._with_adapter(
             copy.deepcopy(self.world.model0), self.server.r_max, self.server.full_model_adapter()
         )
-        self.last_metrics = self.world.task.evaluate(model, self.world.data.test)
+
+    def evaluate_global(self) -> float:
+        """The global model's accuracy (causal LM: next-token accuracy on the test answers); every
+        metric is kept in ``last_metrics``."""
+        self.last_metrics = self.world.task.evaluate(_merged(self.global_model()), self.world.data.test)
         return self.last_metrics["accuracy"]
 
-    def evaluate_device(self, device: str, pruned: nn.Module) -> float:
-        """A device's own ``pruned`` model with the global adapter projected onto what it kept."""
+    def save_global_adapter(self, path: str | Path) -> Path:
+        """The global adapter as a peft adapter directory for the unpruned base: rank r_max,
+        alpha 2·r_max, the head as ``modules_to_save``. ``PeftModel.from_pretrained(base, path)``
+        on the run's base (``World.build(cfg).model0``) is the model ``evaluate_global`` scores.
+        A rule that changes the base weights (FLoRA) is refused: an adapter cannot hold that."""
+        if self.server.rule.changes_base:
+            raise ValueError(
+                f"aggregation rule {self.server.rule.name!r} changes the base weights; its global model "
+                "is not a peft adapter on the unpruned base"
+            )
+        return save_adapter(self.global_model(), path)
+
+    def device_model(self, device: str, pruned: nn.Module | None = None) -> nn.Module:
+        """A copy of a device's own pruned model (default: the runner's) with the global adapter
+        projected onto what it kept, at r_max. ``fedspine.pruning.export_for_deployment(model,
+        path, kept_map=self.server.kept_map(device), adapter=True)`` writes it as a pruned base
+        plus a peft adapter."""
+        if pruned is None:
+            models = self.runner.device_models()
+            if device not in models:
+                raise ValueError(f"device {device!r} has no model in this process; here: {sorted(models)}")
+            pruned = models[device]
         rank = self.server.r_max
         dist = self.server.rule.distribute(self.server.state, self.server.slices(device), rank)
-        model = self._with_adapter(copy.deepcopy(pruned), rank, dist)
+        return self._with_adapter(copy.deepcopy(pruned), rank, dist)
+
+    def evaluate_device(self, device: str, pruned: nn.Module) -> float:
+        """The accuracy of :meth:`device_model` on the test set."""
+        model = _merged(self.device_model(device, pruned))
         return self.world.task.evaluate(model, self.world.data.test)["accuracy"]
+
+
+def _merged(model: nn.Module) -> nn.Module:
+    """A peft model with its LoRA merged into the (copied) weights: the same function, evaluated
+    without the adapter's extra matmuls."""
+    return model.merge_and_unload() if isinstance(model, PeftModel) else model
 
 
 def default_runner(cfg: RunConfig, world: World) -> DeviceRunner:
@@ -276,15 +385,22 @@ def run(
     stop_after: int | None = None,
     verbose: bool = False,
     runner: DeviceRunner | None = None,
+    adapter_dir: str | Path | None = None,
 ) -> RunResult:
     """Run the rounds of ``cfg`` and return per-round records and a summary.
 
-    With ``checkpoint_dir`` a checkpoint is written atomically every ``cfg.checkpoint_every``
-    rounds; ``resume=True`` continues from it and ends with exactly the records an
+    With ``checkpoint_dir`` a checkpoint is written atomically at round 0 and every
+    ``cfg.checkpoint_every`` rounds (``fl/checkpoint.py``, docs/checkpoints.md); ``resume=True``
+    continues from the newest one that verifies and ends with exactly the records an
     uninterrupted run would have. ``stop_after`` ends early after that round (to test resume).
-    ``runner`` runs the client steps elsewhere (Flower); the loop is the same.
+    ``runner`` runs the client steps elsewhere (Flower); the loop is the same. ``adapter_dir``
+    receives the peft adapters that ``log.save_adapter_rounds`` / ``log.save_adapter_final`` ask for.
     """
+    if adapter_dir is None and (cfg.log.save_adapter_rounds or cfg.log.save_adapter_final):
+        raise ValueError("log.save_adapter_rounds / log.save_adapter_final need adapter_dir (run_in_dir's)")
     start = time.perf_counter()
+    if checkpoint_dir is not None and not resume:  # a kill while this run builds its World must
+        checkpoint.clear(checkpoint_dir)  # not resume a previous run's generations
     sim = Simulation(cfg, runner=runner)
     out = RunResult()
     if verbose:
@@ -292,12 +408,18 @@ def run(
 
         world = sim.world
         print(format_stats(world.partition_stats, label_names=world.data.label_names, max_devices=10))
+    restored = False
     if resume:
         if checkpoint_dir is None:
             raise ValueError("resume needs checkpoint_dir")
-        out.records = sim.restore(*checkpoint.load(checkpoint_dir))
+        try:
+            out.records, restored = sim.restore(*checkpoint.load(checkpoint_dir)), True
+        except checkpoint.NoCheckpoint as exc:  # killed before round 0 was saved: nothing is lost
+            warnings.warn(f"{exc}; starting from round 0", checkpoint.CheckpointWarning, stacklevel=2)
         if logger is not None:
             logger.replace(out.records)
+    if checkpoint_dir is not None and not restored:  # round 0: a kill in round 1 resumes from here
+        checkpoint.save(checkpoint_dir, *sim.checkpoint_state(out.records))
     progress = _progress(cfg.train.rounds, enabled=cfg.log.progress)
     progress.update(sim.round)
     while sim.round < cfg.train.rounds and (stop_after is None or sim.round < stop_after):
@@ -305,6 +427,8 @@ def run(
         out.records.append(record)
         if logger is not None:
             logger.log_round(record)
+        if adapter_dir is not None:
+            _save_adapters(sim, Path(adapter_dir))
         if checkpoint_dir is not None and (
             sim.round % cfg.checkpoint_every == 0 or sim.round == cfg.train.rounds
         ):
@@ -328,6 +452,15 @@ def run(
     return out
 
 
+def _save_adapters(sim: Simulation, adapter_dir: Path) -> None:
+    """After a round: ``round-NNNN`` if ``log.save_adapter_rounds`` names it, ``final`` after the last."""
+    log = sim.cfg.log
+    if sim.round in log.save_adapter_rounds:
+        sim.save_global_adapter(adapter_dir / f"round-{sim.round:04d}")
+    if log.save_adapter_final and sim.round == sim.cfg.train.rounds:
+        sim.save_global_adapter(adapter_dir / "final")
+
+
 def default_run_dir(cfg: RunConfig) -> Path:
     """``<log.dir>/<log.name>``, the name defaulting to ``<strategy>-seed<seed>``."""
     return Path(cfg.log.dir) / (cfg.log.name or f"{cfg.strategy.name}-seed{cfg.seed}")
@@ -346,7 +479,8 @@ def run_in_dir(
     verbose: bool = False,
 ) -> RunResult:
     """Run ``cfg`` into ``run_dir``: ``config.json``, ``metrics.jsonl`` (one record a round),
-    ``summary.json`` and ``checkpoint/``. ``resume=True`` continues the run's checkpoint. What the
+    ``summary.json``, ``checkpoint/`` and the peft adapters ``cfg.log`` asks for under
+    ``adapters/``. ``resume=True`` continues the run's checkpoint. What the
     CLI, the experiments and the Flower ServerApp all do; W&B settings default to ``cfg.log``'s
     and the W&B name to the folder's."""
     run_dir = Path(run_dir)
@@ -360,7 +494,13 @@ def run_in_dir(
         resume=resume,
     )
     return run(
-        cfg, logger, checkpoint_dir=run_dir / "checkpoint", resume=resume, runner=runner, verbose=verbose
+        cfg,
+        logger,
+        checkpoint_dir=run_dir / "checkpoint",
+        resume=resume,
+        runner=runner,
+        verbose=verbose,
+        adapter_dir=run_dir / "adapters",
     )
 
 

@@ -67,7 +67,8 @@ class GridRunner:
     Nodes say which fleet device they are (a QUERY message answered with their ``partition-id``)
     when they first appear; a node that leaves is forgotten, and a restarted SuperNode is found
     again as a new node. A device that errs, is unreachable or misses ``round-timeout`` fails the
-    round: the allocator records the failure and its update is not aggregated.
+    round: the allocator records the failure and its update is not aggregated. A reply's update
+    is screened by the round loop (``Server.screen``), as in-process.
     """
 
     def __init__(self, grid: Grid, fleet_size: int, opts: FlowerOptions):
@@ -100,8 +101,13 @@ class GridRunner:
             for d, i in ins.items()
         }
         got, missed = self._exchange(messages, self.opts.round_timeout_s)
+        wait = None if self.modelled else self.opts.round_timeout_s  # measured: the wait itself
         out = {
-            d: Reply(failure=f"no reply within round-timeout ({self.opts.round_timeout_s:g} s)")
+            d: Reply(
+                failure=f"no reply within round-timeout ({self.opts.round_timeout_s:g} s)",
+                measured_s=wait,
+                timed_out=True,
+            )
             for d in missed
         }
         for d, (reply, seconds) in got.items():

@@ -2,9 +2,10 @@
 
 ``fedspine.lora.coords`` (lift/project between a pruned device's coordinates and the original
 model's, rank padding/truncation) is numpy only, so the server can import it without torch.
-The peft functions (``attach``, ``extract``, ``load``, ``merge``, ``detach``, ``adapter_shapes``)
-live in ``fedspine.lora.adapters`` and are loaded on first access, so ``import fedspine.lora``
-alone does not import torch. ``fedspine.lora.aggregate`` (mixed-rank, mixed-width aggregation rules
+The peft functions (``attach``, ``extract``, ``load``, ``merge``, ``detach``, ``adapter_shapes``,
+``save_adapter`` and the key maps ``to_peft_key`` / ``from_peft_key``) live in
+``fedspine.lora.adapters`` and are loaded on first access, so ``import fedspine.lora`` alone does
+not import torch. ``fedspine.lora.aggregate`` (mixed-rank, mixed-width aggregation rules
 picked by name with ``get_aggregator``) is numpy only too.
 """
 
@@ -33,6 +34,9 @@ _ADAPTERS = (
     "extract",
     "load",
     "merge",
+    "save_adapter",
+    "to_peft_key",
+    "from_peft_key",
 )
 
 __all__ = [

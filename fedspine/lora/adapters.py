@@ -15,42 +15,40 @@ peft adapter-name noise:
 Module paths are relative to the HF model (``model.layers.0.self_attn.q_proj``), the same keys as
 ``fedspine.pruning.arch.module_slices``, so :mod:`fedspine.lora.coords` can map them between a
 pruned device's coordinates and the original model's.
+
+These names are peft's own saved names without peft's wrapping: :func:`to_peft_key` /
+:func:`from_peft_key` map between the two (``"x.lora_A"`` <-> ``"base_model.model.x.lora_A.weight"``),
+and :func:`extract` / :func:`load` are peft's ``get_peft_model_state_dict`` /
+``set_peft_model_state_dict`` under those names. What peft does not do, and so stays ours: the
+numpy wire format, the strict all-or-nothing checks of :func:`load`, and moving tensors across
+prunes (:mod:`fedspine.lora.coords`). :func:`save_adapter` writes a plain peft adapter directory
+(``adapter_config.json`` + ``adapter_model.safetensors``) that ``PeftModel.from_pretrained`` loads.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
-from peft.utils import ModulesToSaveWrapper
 from torch import nn
 
-from fedspine.lora.coords import LORA_A, LORA_B
+from fedspine.lora.coords import split_key
+from fedspine.pruning.arch import FAMILIES, family_of
 
-#: Default LoRA targets per family: every prunable Linear of a block (attention and MLP).
-#: peft matches a string target as a *suffix* of the module path (``name == t or
-#: name.endswith("." + t)``). For BERT, ``"output.dense"`` therefore matches both
-#: ``attention.output.dense`` and the block's ``output.dense``, but never ``pooler.dense``
-#: (the suffix is just ``dense``) nor ``cls.predictions.transform.dense``; a test pins the set.
-DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
-    "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-    "bert": ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"),
-}
+#: Where peft's saved names put the HF model (``PeftModel.base_model.model``).
+PEFT_PREFIX = "base_model.model."
 
-#: HF ``config.model_type`` -> family whose module names it shares.
-FAMILY_OF_MODEL_TYPE: dict[str, str] = {
-    "llama": "llama",
-    "mistral": "llama",
-    "qwen2": "llama",
-    "qwen3": "llama",
-    "bert": "bert",
-    "roberta": "bert",
-}
+#: Default LoRA targets per family (``"bert"``, ``"llama"``): every prunable Linear of a block
+#: (attention and MLP). Read from the one model-family registry,
+#: :data:`fedspine.pruning.arch.FAMILIES` (``Family.lora_targets``), which also says which HF
+#: ``model_type`` belongs to which family.
+DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {f.name: f.lora_targets for f in FAMILIES.values()}
 
 #: Task heads that stay fully trainable (``modules_to_save``) for classification models:
 #: BERT-style models call it ``classifier``, LLaMA-style ``score``.
@@ -63,17 +61,6 @@ HEAD_NAMES: tuple[str, ...] = ("classifier", "score")
 #: alpha (s = alpha / r) would make a truncated global adapter change its effective scale on
 #: every device. The factor 2 is the common "alpha = 2r" heuristic.
 ALPHA_PER_RANK = 2.0
-
-
-def family_of(model: nn.Module) -> str:
-    """The target-name family (``"llama"`` / ``"bert"``) of an HF model, from ``config.model_type``."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in FAMILY_OF_MODEL_TYPE:
-        raise ValueError(
-            f"model_type {model_type!r} has no default LoRA targets; pass family= one of "
-            f"{sorted(DEFAULT_TARGETS)} or targets= explicitly"
-        )
-    return FAMILY_OF_MODEL_TYPE[model_type]
 
 
 def attach(
@@ -91,7 +78,8 @@ def attach(
     LoRA shapes follow the model's current Linear shapes, so attaching after pruning gives the
     device's narrow adapter. ``alpha`` defaults to ``ALPHA_PER_RANK * rank`` (scaling 2 for every
     rank; see :data:`ALPHA_PER_RANK`). ``targets`` defaults to :data:`DEFAULT_TARGETS` of
-    ``family`` (itself read from ``config.model_type`` when None). Sequence- and
+    ``family`` (when None, the family of ``config.model_type`` in the registry
+    :data:`fedspine.pruning.arch.FAMILIES`; other model types are refused). Sequence- and
     token-classification heads (``classifier`` / ``score``) stay trainable via
     ``modules_to_save``. peft draws lora_A from torch's RNG; we draw it inside a forked RNG seeded
     with ``seed`` so attaching is deterministic and leaves the global RNG as it was. lora_B starts
@@ -111,10 +99,16 @@ def attach(
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
     if targets is None:
-        fam = family_of(model) if family is None else family
-        if fam not in DEFAULT_TARGETS:
-            raise ValueError(f"family must be one of {sorted(DEFAULT_TARGETS)}, got {fam!r}")
-        targets = DEFAULT_TARGETS[fam]
+        if family is None:
+            try:
+                family = family_of(model).name
+            except ValueError as e:
+                raise ValueError(
+                    f"{e}; to attach LoRA anyway pass family= one of {sorted(DEFAULT_TARGETS)} or targets="
+                ) from None
+        if family not in DEFAULT_TARGETS:
+            raise ValueError(f"family must be one of {sorted(DEFAULT_TARGETS)}, got {family!r}")
+        targets = DEFAULT_TARGETS[family]
     elif isinstance(targets, str) or not targets:
         raise ValueError(f"targets must be a non-empty sequence of module-name suffixes, got {targets!r}")
 
@@ -148,26 +142,42 @@ def _hf_model(peft_model: PeftModel) -> nn.Module:
     return peft_model.base_model.model
 
 
-def _adapter_params(peft_model: PeftModel) -> dict[str, nn.Parameter]:
-    """Stable name -> live parameter for the active adapter (LoRA A/B and modules_to_save heads)."""
-    hf = _hf_model(peft_model)
-    name = peft_model.active_adapter
-    out: dict[str, nn.Parameter] = {}
-    for path, module in hf.named_modules():
-        if isinstance(module, LoraLayer) and name in module.lora_A:
-            out[f"{path}.{LORA_A}"] = module.lora_A[name].weight
-            out[f"{path}.{LORA_B}"] = module.lora_B[name].weight
-        elif isinstance(module, ModulesToSaveWrapper) and name in module.modules_to_save:
-            for pname, p in module.modules_to_save[name].named_parameters():
-                out[f"{path}.{pname}"] = p
-    return out
+def to_peft_key(key: str) -> str:
+    """Our name -> peft's saved name: ``"x.lora_A"`` -> ``"base_model.model.x.lora_A.weight"``;
+    a head (``"classifier.weight"``) -> ``"base_model.model.classifier.weight"``."""
+    kind = split_key(key)[1]
+    return PEFT_PREFIX + (f"{key}.weight" if kind is not None else key)
+
+
+def from_peft_key(key: str) -> str:
+    """peft's saved name -> ours (the inverse of :func:`to_peft_key`); any other key is refused."""
+    inner = key.removeprefix(PEFT_PREFIX)
+    stem, _, leaf = inner.rpartition(".")
+    lora = split_key(stem)[1] is not None
+    if inner == key or (lora and leaf != "weight") or split_key(inner)[1] is not None:
+        raise ValueError(
+            f"{key!r} is not a peft LoRA or modules_to_save key (expected "
+            f"'{PEFT_PREFIX}<path>.lora_A.weight', '...lora_B.weight' or '{PEFT_PREFIX}<head>.<param>')"
+        )
+    return stem if lora else inner
+
+
+def _peft_state(peft_model: PeftModel) -> dict[str, torch.Tensor]:
+    """peft's own state dict of the active adapter (LoRA A/B and modules_to_save heads), our names.
+
+    ``save_embedding_layers=False``: we never target embeddings, and peft's "auto" would look the
+    base model's config up by name (on the hub, for a hub id).
+    """
+    _hf_model(peft_model)
+    state = get_peft_model_state_dict(
+        peft_model, adapter_name=peft_model.active_adapter, save_embedding_layers=False
+    )
+    return {from_peft_key(k): v for k, v in state.items()}
 
 
 def extract(peft_model: PeftModel) -> dict[str, np.ndarray]:
     """The active adapter's tensors as float32 numpy copies under stable names (module docstring)."""
-    return {
-        k: p.detach().to("cpu", torch.float32).numpy().copy() for k, p in _adapter_params(peft_model).items()
-    }
+    return {k: t.detach().to("cpu", torch.float32).numpy().copy() for k, t in _peft_state(peft_model).items()}
 
 
 class LoadReport(NamedTuple):
@@ -182,11 +192,12 @@ def load(peft_model: PeftModel, tensors: Mapping[str, np.ndarray], *, strict: bo
 
     With ``strict`` any missing or unexpected key raises ``ValueError`` listing both: the known
     silent bug of heterogeneous-LoRA code is ``load_state_dict(strict=False)`` dropping renamed
-    keys so the global adapter is never applied (anchors.md §d). Shape mismatches and non-finite
-    values always raise. Everything is checked before anything is copied, so on error the model
-    is left as it was. Returns the unmatched keys (useful with ``strict=False``).
+    keys so the global adapter is never applied (anchors.md §d), and peft's
+    ``set_peft_model_state_dict`` is exactly that call. Shape mismatches and non-finite values
+    always raise. Everything is checked before peft copies anything, so on error the model is
+    left as it was. Returns the unmatched keys (useful with ``strict=False``).
     """
-    params = _adapter_params(peft_model)
+    params = _peft_state(peft_model)
     missing = sorted(set(params) - set(tensors))
     unexpected = sorted(set(tensors) - set(params))
     problems = []
@@ -200,14 +211,31 @@ def load(peft_model: PeftModel, tensors: Mapping[str, np.ndarray], *, strict: bo
         elif not np.issubdtype(arr.dtype, np.floating) or not np.isfinite(arr).all():
             problems.append(f"{key}: must be finite floating point (dtype {arr.dtype})")
         else:
-            arrays[key] = arr
+            arrays[to_peft_key(key)] = torch.from_numpy(np.ascontiguousarray(arr))
     if problems:
         raise ValueError("tensors do not fit the adapter: " + "; ".join(problems))
+    # peft needs every modules_to_save key; a key left out (strict=False) keeps its value.
+    arrays.update({to_peft_key(k): params[k].detach().clone() for k in missing})
     with torch.no_grad():
-        for key, arr in arrays.items():
-            p = params[key]
-            p.copy_(torch.from_numpy(np.ascontiguousarray(arr)).to(p.device, p.dtype))
+        result = set_peft_model_state_dict(peft_model, arrays, adapter_name=peft_model.active_adapter)
+    left = [k for k in result.unexpected_keys if k in arrays]
+    if left:  # a peft key map we did not expect; never let a tensor be dropped silently
+        raise RuntimeError(f"peft did not load {left}")
     return LoadReport(missing, unexpected)
+
+
+def save_adapter(peft_model: PeftModel, path: str | Path) -> Path:
+    """Write the active adapter as a peft adapter directory, loadable with plain peft on the
+    same (pruned or unpruned) base: ``PeftModel.from_pretrained(base, path)``. Returns it.
+
+    peft's own ``save_pretrained`` (safetensors, ``adapter_config.json``, a model card). Heads
+    kept through ``modules_to_save`` are in it, so a classifier loads with its trained head.
+    peft puts an adapter not named ``"default"`` (``attach``'s) in a subfolder of its name.
+    """
+    _hf_model(peft_model)
+    name = peft_model.active_adapter
+    peft_model.save_pretrained(path, selected_adapters=[name], save_embedding_layers=False)
+    return Path(path) if name == "default" else Path(path) / name
 
 
 def adapter_shapes(peft_model: PeftModel) -> dict[str, tuple[int, int]]:

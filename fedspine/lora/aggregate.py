@@ -111,6 +111,9 @@ class Aggregator(Protocol):
     """A mixed-rank, mixed-width LoRA aggregation rule."""
 
     name: ClassVar[str]
+    #: True if ``distribute`` sends a ``base_delta``: the global model is then the base weights
+    #: changed plus an adapter, which a LoRA adapter alone (a peft directory) cannot hold.
+    changes_base: ClassVar[bool]
 
     def init_state(
         self,
@@ -266,6 +269,7 @@ class _Rule:
     ``_aggregate_modules``."""
 
     name: ClassVar[str] = ""
+    changes_base: ClassVar[bool] = False
 
     def init_state(
         self,
@@ -617,6 +621,7 @@ class FLoRARule(_FullSize):
 
     name: ClassVar[str] = "flora"
     leaf: ClassVar[str] = MERGED  # merged = 0 at init
+    changes_base: ClassVar[bool] = True
     scaling: float = 2.0
     rng: np.random.Generator | None = None
 

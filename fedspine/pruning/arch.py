@@ -1,16 +1,26 @@
-"""Model families the pruner understands, keyed by ``model.config.model_type``.
+"""Model families fedspine understands, keyed by ``model.config.model_type``: the one registry.
 
-A family knows three things and nothing else: where each layer's modules are, by *role*
-(q, k, v, o, mlp_in, mlp_out), how big the model is now (``arch_shape``), and how to make the HF
-config and the attention modules' attributes agree with the weights after a prune
-(``sync_config``). Pruning and importance code only ever talk to roles, so adding a family is one
-class and one registry line (ours).
+``FAMILIES`` is the only list of supported models. Pruning, export, the batched runner and
+``fedspine.lora.attach`` (its default LoRA targets) all read it, so they cannot disagree; any
+other ``model_type`` is refused by :func:`family_of`, naming it and the supported list.
+
+Two families, six model types: ``bert`` (BERT, RoBERTa) and ``llama`` (LLaMA, Qwen2 with q/k/v
+biases, Qwen3 with per-head q/k norms, Mistral). ``Family.name`` is the family,
+``Family.model_type`` the HF model type.
+
+A family knows where each layer's modules are, by *role* (q, k, v, o, mlp_in, mlp_out), how big
+the model is now (``arch_shape``), how to make the HF config and the attention modules'
+attributes agree with the weights after a prune (``sync_config``), whether a plain HF config can
+describe a pruned shape (``plain_loadable``), and which Linears LoRA adapts (``lora_targets``).
+Pruning and importance code only ever talk to roles, so adding a model type is one small class
+and one registry entry (ours).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import importlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -35,11 +45,14 @@ class LayerRoles:
 class Family:
     """Base class: subclasses fill in the paths and the config fields."""
 
-    name: str = ""
+    name: str = ""  # the family: "bert" or "llama" (what the batched runner's mask recipe keys on)
+    model_type: str = ""  # the HF ``config.model_type`` this entry is registered under
+    lora_targets: tuple[str, ...] = ()  # default LoRA targets: peft module-name suffixes
     mlp_matrices: int = 0  # MLP matrices per layer, for KeptIndexMap.sparsity
     layer_prefixes: tuple[str, ...] = ()  # candidate paths of the layer list, first match wins
     role_paths: dict[str, tuple[str, ...]] = {}  # role -> module paths inside one layer
     causal_lm: bool = False
+    heads_by_hand: bool = False  # remove heads without the DependencyGraph even without GQA
 
     # --- locating modules ------------------------------------------------------------------------
     def layer_prefix(self, model: nn.Module) -> str:
@@ -136,8 +149,13 @@ class Family:
 
 class BertFamily(Family):
     name = "bert"
+    model_type = "bert"
     mlp_matrices = 2
     layer_prefixes = ("bert.encoder.layer", "encoder.layer")
+    # peft matches a target as a suffix of the module path (``name == t or name.endswith("." + t)``):
+    # "output.dense" matches attention.output.dense and the block's output.dense, never pooler.dense
+    # nor a classification head's dense (their suffix is just "dense"); a test pins the set.
+    lora_targets = ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense")
     role_paths = {
         "q": ("attention.self.query",),
         "k": ("attention.self.key",),
@@ -169,9 +187,22 @@ class BertFamily(Family):
         return shape.hidden_size == shape.num_heads * shape.head_dim
 
 
+class RobertaFamily(BertFamily):
+    """RoBERTa (the FedSpine paper's main model): BERT's layer, under ``roberta.``.
+
+    Its embeddings differ (position ids start at ``padding_idx + 1``), but they are never pruned.
+    """
+
+    model_type = "roberta"
+    layer_prefixes = ("roberta.encoder.layer", "encoder.layer")
+
+
 class LlamaFamily(Family):
     name = "llama"
+    model_type = "llama"
+    modeling = "transformers.models.llama.modeling_llama"  # where this model type's rotate_half lives
     mlp_matrices = 3
+    lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     layer_prefixes = ("model.layers", "layers")
     role_paths = {
         "q": ("self_attn.q_proj",),
@@ -207,23 +238,69 @@ class LlamaFamily(Family):
 
         torch-pruning 1.6.1 never returns from ``get_pruning_group`` on q/k through
         ``rotate_half`` (slice + cat; VainF/Torch-Pruning#527). We prune whole heads only, so the
-        rotation's index shuffling inside a head does not matter for dependencies.
+        rotation's index shuffling inside a head does not matter for dependencies. Each model type
+        has its own copy of ``rotate_half``, in its modeling module (``modeling``).
         """
-        import transformers.models.llama.modeling_llama as modeling_llama
-
-        orig = modeling_llama.rotate_half
-        modeling_llama.rotate_half = lambda x: x
+        modeling = importlib.import_module(self.modeling)
+        orig = modeling.rotate_half
+        modeling.rotate_half = lambda x: x
         try:
             yield
         finally:
-            modeling_llama.rotate_half = orig
+            modeling.rotate_half = orig
 
 
-FAMILIES: dict[str, Family] = {"bert": BertFamily(), "llama": LlamaFamily()}
+class Qwen2Family(LlamaFamily):
+    """Qwen2: LLaMA's layer with biases on q/k/v (sliced with their rows), usually GQA.
+
+    ``Qwen2Config`` has no ``head_dim`` field, but ``Qwen2Attention`` reads ``config.head_dim``
+    when set, the config saves it, and nothing checks hidden % heads: any uniform shape loads.
+    """
+
+    model_type = "qwen2"
+    modeling = "transformers.models.qwen2.modeling_qwen2"
+
+    def plain_loadable(self, shape: ArchShape) -> bool:
+        return True
+
+
+class MistralFamily(LlamaFamily):
+    """Mistral: LLaMA's layer with GQA and a sliding window (only the attention mask uses it)."""
+
+    model_type = "mistral"
+    modeling = "transformers.models.mistral.modeling_mistral"
+
+    def plain_loadable(self, shape: ArchShape) -> bool:
+        return True  # MistralConfig keeps head_dim explicit and does not check hidden % heads
+
+
+class Qwen3Family(LlamaFamily):
+    """Qwen3: LLaMA's layer with an RMSNorm over ``head_dim`` on q and k (``q_norm``/``k_norm``).
+
+    That norm's weight is shared by every head, so removing heads leaves it as it is; but
+    torch-pruning's graph couples it to the q rows, so heads are cut by hand (``heads_by_hand``).
+    ``Qwen3Config`` keeps ``head_dim`` explicit and checks no hidden % heads.
+    """
+
+    model_type = "qwen3"
+    modeling = "transformers.models.qwen3.modeling_qwen3"
+    heads_by_hand = True
+
+    def plain_loadable(self, shape: ArchShape) -> bool:
+        return True
+
+
+FAMILIES: dict[str, Family] = {
+    f.model_type: f
+    for f in (BertFamily(), RobertaFamily(), LlamaFamily(), Qwen2Family(), Qwen3Family(), MistralFamily())
+}
 
 
 def family_of(model: nn.Module) -> Family:
-    """The family of a HF model (or a peft wrapper around one), by ``config.model_type``."""
+    """The registry entry of a HF model (or a peft wrapper around one), by ``config.model_type``.
+
+    The one refusal for models fedspine does not know: it names the model type and the list.
+    """
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in FAMILIES:
         raise ValueError(f"unsupported model_type {model_type!r}; supported: {sorted(FAMILIES)}")

@@ -3,17 +3,27 @@
 ``export_for_deployment`` writes ``save_pretrained`` safetensors, the tokenizer and
 ``fedspine_pruning.json`` (the kept map and which loader the directory needs). A plain HF config
 can describe most pruned models, and then ``AutoModel*.from_pretrained(path)`` is all a device
-needs. It cannot describe:
+needs (every model type of ``fedspine.pruning.arch.FAMILIES`` says when, ``plain_loadable``).
+It cannot describe:
 
-* BERT with pruned heads: transformers 5 derives the head size as hidden / num_attention_heads;
+* BERT and RoBERTa with pruned heads: transformers 5 derives the head size as
+  hidden / num_attention_heads;
 * LLaMA whose head count does not divide hidden (``LlamaConfig`` validates hidden % heads == 0).
+
+Qwen2, Qwen3 and Mistral keep ``head_dim`` in the config and check nothing else, so every
+uniformly pruned shape of theirs reloads with plain ``from_pretrained``.
 
 For those the directory holds the *original* architecture's config, and ``load_pruned`` builds
 that model, shrinks it with the saved kept map and loads the weights (ours).
+
+With ``adapter=True`` the LoRA is not merged: the weights are the device's pruned base and
+``adapter/`` is its adapter as a plain peft directory, loadable on that base with
+``PeftModel.from_pretrained(load_pruned(path), path / "adapter")``.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -27,6 +37,7 @@ from fedspine.pruning.index_map import KeptIndexMap
 META_FILE = "fedspine_pruning.json"
 PLAIN = "transformers.from_pretrained"
 FALLBACK = "fedspine.pruning.load_pruned"
+ADAPTER_DIR = "adapter"  # export_for_deployment(adapter=True): the peft adapter's folder
 
 
 def export_for_deployment(
@@ -34,14 +45,29 @@ def export_for_deployment(
     path: str | Path,
     tokenizer: Any = None,
     kept_map: KeptIndexMap | None = None,
+    *,
+    adapter: bool = False,
 ) -> Path:
     """Write ``model`` to ``path`` so that a device can load it with no fedspine state.
 
     A peft model is merged and unloaded first (this merges the adapters into the caller's base
     weights). ``kept_map`` (``None``: the model is unpruned) is stored next to the weights; the
     JSON's ``loader`` says whether plain ``from_pretrained`` works or ``load_pruned`` is needed.
+
+    ``adapter=True`` (a peft model only) keeps the adapter apart instead, for peft users: the
+    weights are the pruned base without the LoRA (a copy is unloaded; the caller's model is left
+    as it is) and ``path/adapter`` holds the adapter, its trained head included, as peft's own
+    ``save_pretrained`` directory. ``PeftModel.from_pretrained(load_pruned(path), path /
+    "adapter")`` is then the tuned model, and its ``merge_and_unload()`` what ``adapter=False``
+    writes. The JSON's ``adapter`` names the folder (``None`` without one).
     """
-    if type(model).__module__.startswith("peft.") and hasattr(model, "merge_and_unload"):
+    is_peft = type(model).__module__.startswith("peft.") and hasattr(model, "merge_and_unload")
+    if adapter and not is_peft:
+        raise ValueError(f"adapter=True needs a peft model (LoRA attached), got {type(model).__name__}")
+    tuned = model
+    if adapter:
+        model = copy.deepcopy(model).unload()
+    elif is_peft:
         model = model.merge_and_unload()
     fam = family_of(model)
     shape = fam.arch_shape(model)
@@ -64,16 +90,27 @@ def export_for_deployment(
         model.config = config
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
+    if adapter:
+        from fedspine.lora.adapters import save_adapter
+
+        save_adapter(tuned, out / ADAPTER_DIR)
     meta = {
         "format": 1,
         "family": fam.name,
+        "model_type": fam.model_type,
         "loader": PLAIN if plain else FALLBACK,
         "note": (
             "load with AutoModel*.from_pretrained(path)"
             if plain
             else "a plain HF config cannot describe these pruned widths; load with "
             "fedspine.pruning.load_pruned(path) (config.json describes the unpruned architecture)"
+        )
+        + (
+            f"; the LoRA is not merged: peft.PeftModel.from_pretrained(that model, path/{ADAPTER_DIR!r})"
+            if adapter
+            else ""
         ),
+        "adapter": ADAPTER_DIR if adapter else None,
         "sparsity": kept_map.sparsity(fam.mlp_matrices),
         "kept_map": kept_map.to_dict(),
     }

@@ -105,7 +105,18 @@ def scores_from_stats(model: nn.Module, stat: StatFn, *, l2: bool) -> UnitScores
 
 
 def magnitude_importance(model: nn.Module, calib: Any = None) -> UnitScores:
-    """L2 norm of each unit's weights across its coupled modules (``calib`` is unused)."""
+    """L2 norm of each unit's weights across its coupled modules (``calib`` is unused).
+
+    This is torch-pruning's ``GroupMagnitudeImportance(p=2, group_reduction="sum",
+    normalizer=None, bias=True)`` over the DependencyGraph's group, square-rooted and summed over
+    each head's rows (``tests/pruning/test_structured.py`` checks them equal; so is
+    :func:`taylor_importance` to ``GroupTaylorImportance``). We keep ours, for one reason each:
+    under GQA torch-pruning's head groups couple query heads to the wrong KV rows (anchors.md
+    §c.2 item 3), so head scores need our role table anyway, and GQA is the usual layout (SmolLM2,
+    Qwen2, Mistral); scoring through torch-pruning traces the model first, ours reads the weights;
+    and all criteria, FedSpine's LoRA-gradient one included, share ``scores_from_stats``, so each
+    unit is summed over the same weights whichever criterion scores it (ours).
+    """
     return scores_from_stats(model, lambda p: p.detach().float().pow(2), l2=True)
 
 
@@ -116,7 +127,9 @@ def taylor_importance(model: nn.Module, calib: Any = None) -> UnitScores:
     It needs gradients of the *base* weights: we switch ``requires_grad`` on for the prunable
     Linears during the call and restore it after (so it also works on a model whose weights peft
     froze). Gradients come from ``torch.autograd.grad``; no ``.grad`` is touched. The model runs
-    in eval mode (no dropout) so the score is deterministic (ours).
+    in eval mode (no dropout) so the score is deterministic (ours). torch-pruning's
+    ``GroupTaylorImportance`` gives the same scores but reads ``.grad``, which a peft model's
+    frozen base has not got (anchors.md §c.2 item 7); see :func:`magnitude_importance`.
     """
     if calib is None:
         raise ValueError("taylor importance needs calib: a LongTensor of token ids or a dict batch")
@@ -220,7 +233,9 @@ def prune_model(
     each group it returns is exactly the role table (q/k/v rows + o columns for a head; MLP input
     rows + output columns for a channel) and refuse anything touching other modules. Under GQA
     torch-pruning couples query heads to KV heads with the wrong indices, so whole KV groups are
-    removed by hand with torch-pruning's low-level ``prune_linear_{out,in}_channels``.
+    removed by hand with torch-pruning's low-level ``prune_linear_{out,in}_channels``; so are the
+    heads of families with a per-head norm (``Family.heads_by_hand``: Qwen3's q/k norms, whose
+    weight torch-pruning couples to the q rows although every head shares it).
     """
     fam = family_of(model)
     _refuse_peft(model)
@@ -254,16 +269,16 @@ def prune_model(
         )
 
     layers = fam.layers(model)
-    gqa = g > 1
-    need_dg = any(ch or (units and not gqa) for units, ch in removals)
+    by_hand = g > 1 or fam.heads_by_hand  # heads cut without the DependencyGraph
+    need_dg = any(ch or (units and not by_hand) for units, ch in removals)
     if need_dg:
         dg, names = _build_graph(model, fam)
         for lr, (units, ch) in zip(layers, removals, strict=True):
             if ch:
                 _prune_coupled(dg, names, _channel_table(lr, ch))
-            if units and not gqa:
+            if units and not by_hand:
                 _prune_coupled(dg, names, _head_table(lr, _expand(units, cur.head_dim)))
-    if gqa:
+    if by_hand:
         for lr, (units, _) in zip(layers, removals, strict=True):
             if units:
                 q_rows, kv_rows = _expand(units, g * cur.head_dim), _expand(units, cur.head_dim)

@@ -6,18 +6,23 @@ tensor's largest entry plus 5% of one AdamW step (AdamW divides by the gradient'
 float noise in a near-zero gradient can move an entry by a fraction of the learning rate).
 """
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
+from tiny_models import TINY
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from fedspine.config import config_from_mapping
-from fedspine.fl.batched import BatchedRunner, _keep_mask
+from fedspine.fl.batched import BATCHED_FAMILIES, BatchedRunner, _keep_mask
 from fedspine.fl.build import check
 from fedspine.fl.client import client_step
 from fedspine.fl.placement import cpu_flags, cpu_has_bf16, resolve_device, resolve_precision
 from fedspine.fl.runners import InProcessRunner
 from fedspine.fl.simulator import Simulation, default_runner
 from fedspine.fl.world import World
+from fedspine.pruning.arch import FAMILIES, arch_shape, family_of
 
 
 def _cfg(**over):
@@ -62,7 +67,41 @@ def _close(ref: dict, got: dict, lr: float, rel: float = 1e-3) -> None:
 )
 def test_one_round_equals_the_per_device_path(model):
     cfg = _cfg(**model)
-    sim = Simulation(cfg, world=_world(cfg))
+    _one_round_equals_the_per_device_path(cfg, _world(cfg))
+
+
+@pytest.mark.parametrize(
+    ("model_type", "task"),
+    [
+        ("roberta", "classification"),
+        ("qwen2", "classification"),
+        ("qwen3", "causal-lm"),
+        ("mistral", "causal-lm"),
+    ],
+)
+def test_other_registered_model_types_batch_equal_to_the_per_device_path(model_type, task):
+    """Every model type of the registry batches: the mask recipe is keyed by family, and the
+    hooks find modules by role. The world's tiny model is swapped for one of ``model_type``."""
+    cfg = _cfg(model__name="tiny-bert" if task == "classification" else "tiny-llama", model__task=task)
+    world = _world(cfg)
+    config = TINY[model_type]().config
+    config.update({"num_labels": world.data.num_labels, "use_cache": False})
+    if config.pad_token_id is None:
+        config.pad_token_id = 0  # decoders classify at the last non-pad token
+    auto = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
+    torch.manual_seed(0)
+    model = auto.from_config(config).eval()
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    world = dataclasses.replace(world, model0=model, family=family_of(model), shape=arch_shape(model))
+    assert model.config.model_type == model_type
+    assert {f.name for f in FAMILIES.values()} == set(BATCHED_FAMILIES)  # every family has a mask recipe
+    _one_round_equals_the_per_device_path(cfg, world)
+
+
+def _one_round_equals_the_per_device_path(cfg, world):
+    sim = Simulation(cfg, world=world)
     world = sim.world
     ins = sim.server.configure(1, world.device_ids)
     assert len({i.rank for i in ins.values()}) > 1  # mixed ranks in one pass
@@ -153,3 +192,51 @@ def test_precision_follows_the_cpu_flags():
             resolve_device("cuda")
     with pytest.raises(ValueError, match="train.precision"):
         check(config_from_mapping({"train": {"precision": "fp16"}}))
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        {"model__name": "tiny-bert"},
+        {"model__name": "tiny-llama"},
+        {"model__name": "tiny-llama", "model__task": "causal-lm"},
+    ],
+    ids=["bert", "llama", "llama-lm"],
+)
+def test_the_packed_forward_equals_the_padded_one(model):
+    """Real tokens only (``PACKING``) gives the padded forward's losses and factor gradients."""
+    cfg = _cfg(**model)
+    world = _world(cfg)
+    sim = Simulation(cfg, world=world)
+    ids = world.device_ids
+    ins = sim.server.configure(1, ids)
+    trainer = BatchedRunner(world, group_size=len(ids)).trainer(ins[ids[0]].config)
+    assert trainer.packing is not None
+    devs = [trainer._device(ins[d], sim.server.kept_map(d), world.local_data(d), ins[d].config) for d in ids]
+    ps = trainer._build_pass(devs)
+    trainer._pass = ps
+    batches = [next(d.data.batches(torch.Generator().manual_seed(j))) for j, d in enumerate(devs)]
+    lengths = torch.Generator().manual_seed(1)
+    for b in batches:  # right padding of various lengths (the synthetic texts fill max_length)
+        for row, n in enumerate(
+            torch.randint(3, b["input_ids"].shape[1] + 1, (len(b["input_ids"]),), generator=lengths)
+        ):
+            b["input_ids"][row, n:] = trainer.pad_id
+            b["attention_mask"][row, n:] = 0
+            if b["labels"].ndim == 2:
+                b["labels"][row, n:] = -100
+    factors = [t for ab in ps.lora.values() for t in ab]
+    got = {}
+    for packing in (trainer.packing, None):
+        trainer.packing = packing
+        batch, sizes = trainer._concat(batches)
+        losses = torch.stack(trainer._losses(batch, sizes, [("ce", None)] * len(devs)))
+        got[packing] = (losses.detach(), torch.autograd.grad(losses.sum(), factors))
+        if packing is not None:  # fewer token rows than the padded batch, every real token kept
+            assert ps.packed.ids.numel() < batch["input_ids"].numel()
+            assert ps.packed.per_device * len(devs) >= int(batch["attention_mask"].sum())
+    (lp, gp), (lu, gu) = got.values()
+    torch.testing.assert_close(lp, lu, rtol=1e-5, atol=1e-6)
+    for a, b in zip(gp, gu, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6 * float(b.abs().max()) + 1e-9)
+    trainer._pass = None

@@ -1,7 +1,6 @@
 """The Flower adapter in one process: the real ServerApp loop, codec and ClientApp over a loopback
 Grid (tests/flower/loopback.py). Seconds, no SuperLink; the process tests are in test_flower_runtime.py."""
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -172,7 +171,7 @@ def test_a_resumed_server_ends_with_the_uninterrupted_records(tmp_path):
     rc = run_config(tmp_path, 4)
     with pytest.raises(RuntimeError, match="the server died"):
         flower_run(tmp_path, rc, crash)
-    assert json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())["round"] == 2
+    assert checkpoint.load(tmp_path / "run" / "checkpoint")[0]["round"] == 2
     client_app._host.cache_clear()
     resumed, _ = flower_run(tmp_path, {**rc, "resume": True})
     assert [r["round"] for r in resumed.records] == [1, 2, 3, 4]
@@ -243,3 +242,33 @@ def test_the_repository_app_section_lists_every_key_with_valid_defaults(tmp_path
     assert sorted(ours["config"]) == sorted(made["config"]) == sorted(ALLOWED_KEYS)
     cfg, opts = read_run_config(ours["config"])  # the smoke config, found relative to the app
     assert cfg.model.name == "tiny-bert" and opts.round_timeout_s == 600
+
+
+def test_a_node_that_returns_a_corrupt_update_is_rejected_and_the_run_continues(tmp_path, monkeypatch):
+    """Node 1 (device d001) puts a NaN in every update it sends, through the real codec: the
+    round loop's screening (the one the in-process simulator runs) rejects it, the allocator
+    records a failure, the other three are aggregated, and the global state stays finite."""
+    from flwr.app import Message, MessageType
+
+    from fedspine.fl.faults import corrupt
+
+    real = client_app.app
+
+    def app(msg, context):
+        reply = real(msg, context)
+        bad = context.node_config["partition-id"] == 1 and msg.metadata.message_type == MessageType.TRAIN
+        if bad and not reply.has_error():
+            res = corrupt(codec.decode_res(reply.content), "nan", np.random.default_rng(0))
+            reply = Message(codec.encode_res(res), reply_to=msg)
+        return reply
+
+    monkeypatch.setattr(client_app, "app", app)
+    rc = run_config(tmp_path, 2)
+    result, _ = flower_run(tmp_path, rc)
+    for r in result.records:
+        assert list(r["rejected"]) == ["d001"] and "non-finite" in r["rejected"]["d001"]
+        assert r["failures"] == {"d001": f"rejected: {r['rejected']['d001']}"}
+        assert sorted(r["round_time_s"]) == ["d000", "d002", "d003"] and r["aggregated"]
+    state, arrays = checkpoint.load(tmp_path / "run" / "checkpoint")
+    assert all(np.isfinite(v).all() for k, v in arrays.items() if k.startswith("global/"))
+    assert "d001" not in state["server"]["kept"] and state["server"]["strategy"]["allocator"]["pending"] == []

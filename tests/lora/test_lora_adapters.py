@@ -302,3 +302,35 @@ def test_keys_match_the_pruning_contract(make_model, family):
     assert dev[f"{q}.lora_B"].shape == (2 * shape.head_dim, 2)
     lifted = lift(dev, slices, rank=2, global_shapes=shapes)
     assert lifted.masks[f"{q}.lora_B"].sum() == 2 * 2 * shape.head_dim
+
+
+def test_our_names_are_peft_saved_names_without_the_wrapping(make_model):
+    peft = pytest.importorskip("peft")
+    peft_model = A.attach(make_model("bert"), rank=4)
+    theirs = peft.get_peft_model_state_dict(peft_model, save_embedding_layers=False)
+    ours = A.extract(peft_model)
+    assert {A.to_peft_key(k) for k in ours} == set(theirs)
+    assert {A.from_peft_key(k) for k in theirs} == set(ours)
+    assert A.to_peft_key("bert.pooler.dense.lora_B") == "base_model.model.bert.pooler.dense.lora_B.weight"
+    assert A.from_peft_key("base_model.model.classifier.bias") == "classifier.bias"
+    for bad in ("classifier.weight", "base_model.model.x.lora_A.bias", "base_model.model.x.lora_A"):
+        with pytest.raises(ValueError, match="not a peft LoRA or modules_to_save key"):
+            A.from_peft_key(bad)
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_saved_adapter_loads_with_plain_peft_and_reproduces_logits(make_model, input_ids, family, tmp_path):
+    from peft import PeftModel
+    from safetensors.numpy import load_file
+
+    peft_model = A.attach(make_model(family), rank=4)
+    tensors = _randomise(peft_model, seed=5)  # the head (bert) is randomised too
+    out = A.save_adapter(peft_model, tmp_path / "adapter")
+    saved = load_file(str(out / "adapter_model.safetensors"))
+    assert set(saved) == {A.to_peft_key(k) for k in tensors}
+    for key, value in tensors.items():
+        np.testing.assert_array_equal(saved[A.to_peft_key(key)], value)
+    reloaded = PeftModel.from_pretrained(make_model(family), out)  # plain peft, a fresh base
+    assert torch.equal(_logits(reloaded, input_ids), _logits(peft_model, input_ids))
+    with pytest.raises(ValueError, match="peft.PeftModel"):
+        A.save_adapter(make_model(family), tmp_path / "x")

@@ -78,3 +78,35 @@ def test_peft_model_is_merged_before_export(tmp_path, ids):
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert not any("lora" in k for k in reloaded.state_dict())
     torch.testing.assert_close(_logits(reloaded, ids), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(("family", "ratio", "loader"), [("llama", 0.5, PLAIN), ("bert", 0.4, FALLBACK)])
+def test_device_adapter_exports_as_peft_and_loads_on_its_pruned_base(tmp_path, ids, family, ratio, loader):
+    import numpy as np
+    from peft import PeftModel
+
+    from fedspine.lora import attach, extract, load
+
+    model = tiny_llama(2) if family == "llama" else tiny_bert()
+    kept, _ = prune_to_ratio(model, ratio)
+    tuned = attach(model, rank=4)
+    rng = np.random.default_rng(0)
+    load(tuned, {k: (0.1 * rng.normal(size=v.shape)).astype(np.float32) for k, v in extract(tuned).items()})
+    expected = _logits(tuned, ids)
+    export_for_deployment(tuned, tmp_path, kept_map=kept, adapter=True)
+    meta = json.loads((tmp_path / META_FILE).read_text())
+    assert meta["loader"] == loader and meta["adapter"] == "adapter" and "not merged" in meta["note"]
+    base = load_pruned(tmp_path)
+    assert not any("lora" in k for k in base.state_dict())
+    assert not torch.allclose(_logits(base, ids), expected)  # the base alone is not the tuned model
+    reloaded = PeftModel.from_pretrained(base, tmp_path / "adapter")  # plain peft
+    torch.testing.assert_close(_logits(reloaded, ids), expected, atol=1e-5, rtol=0)
+    assert torch.equal(_logits(tuned, ids), expected)  # the caller's model was not merged or unloaded
+    merged = reloaded.merge_and_unload()
+    torch.testing.assert_close(_logits(merged, ids), expected, atol=1e-5, rtol=0)
+
+
+def test_adapter_export_needs_a_peft_model(tmp_path):
+    with pytest.raises(ValueError, match="adapter=True needs a peft model"):
+        export_for_deployment(tiny_bert(), tmp_path, adapter=True)
+    assert not any(tmp_path.iterdir())

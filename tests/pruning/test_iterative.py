@@ -3,7 +3,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-from test_structured import _zero_removed
+from masking import zero_removed
 from tiny_models import VOCAB
 
 from fedspine.lora import attach, extract, load
@@ -46,7 +46,7 @@ def test_prune_with_adapter_attached_is_exact_and_carries_the_adapter(tiny_model
         for g_heads, g_chans in gone
     ]
     merged = reference.merge_and_unload()  # zeroing W + sBA on the removed units zeroes both
-    _zero_removed(merged, positions, shape.group_size, shape.head_dim)
+    zero_removed(merged, positions, shape.group_size, shape.head_dim)
     merged.eval(), pt.model.eval()
     with torch.no_grad():
         expected = merged(input_ids=ids).logits

@@ -3,7 +3,8 @@ import copy
 import numpy as np
 import pytest
 import torch
-from tiny_models import tiny_bert, tiny_llama
+from masking import zero_removed
+from tiny_models import tiny_bert, tiny_llama, tiny_qwen2
 
 from fedspine.pruning import (
     ArchShape,
@@ -29,36 +30,11 @@ def _keep_positions(name, layer):
     return heads, chans
 
 
-def _zero_removed(model, positions, group, head_dim):
-    """Zero every weight a removed head / channel owns, written out independently of the library."""
-    with torch.no_grad():
-        for lr, (heads, chans) in zip(layer_roles(model), positions, strict=True):
-            n_heads = lr.q.out_features // head_dim
-            for h in sorted(set(range(n_heads)) - set(heads)):
-                rows = slice(h * head_dim, (h + 1) * head_dim)
-                lr.q.weight[rows] = 0
-                lr.o.weight[:, rows] = 0
-                if lr.q.bias is not None:
-                    lr.q.bias[rows] = 0
-                if h % group == 0:  # the KV head of a fully removed group
-                    kv = slice(h // group * head_dim, (h // group + 1) * head_dim)
-                    for m in (lr.k, lr.v):
-                        m.weight[kv] = 0
-                        if m.bias is not None:
-                            m.bias[kv] = 0
-            drop = sorted(set(range(lr.mlp_in[0].out_features)) - set(chans))
-            for m in lr.mlp_in:
-                m.weight[drop] = 0
-                if m.bias is not None:
-                    m.bias[drop] = 0
-            lr.mlp_out.weight[:, drop] = 0
-
-
 def test_prune_is_exact_when_removed_units_were_zeroed(tiny_model, ids):
     name, model = tiny_model
     shape = arch_shape(model)
     positions = [_keep_positions(name, i) for i in range(shape.num_layers)]
-    _zero_removed(model, positions, shape.group_size, shape.head_dim)
+    zero_removed(model, positions, shape.group_size, shape.head_dim)
     with torch.no_grad():
         before = model(ids).logits
     kept = prune_model(model, KeptIndexMap.full(shape), positions)
@@ -220,3 +196,38 @@ def test_taylor_on_bert_needs_labels_in_the_calibration_batch(ids):
     kept, achieved = prune_to_ratio(model, 0.5, "taylor", calib={**batch, "labels": torch.tensor([0, 1])})
     assert model.config.num_attention_heads == 2 and achieved == pytest.approx(kept.sparsity(2))
     assert model(**batch).logits.shape == (2, 2)
+
+
+@pytest.mark.parametrize(
+    "make", [tiny_bert, lambda: tiny_llama(4), lambda: tiny_qwen2(4)], ids=["bert", "llama-mha", "qwen2-mha"]
+)
+def test_magnitude_and_taylor_equal_torch_prunings_group_importance(make, ids):
+    """Our criteria compute what torch-pruning's ``GroupMagnitudeImportance(p=2)`` (before our
+    square root) and ``GroupTaylorImportance`` compute over the DependencyGraph's groups, summed
+    over each head's rows; kept ours, see ``magnitude_importance``."""
+    import torch_pruning as tp
+
+    from fedspine.pruning import family_of
+    from fedspine.pruning.structured import _build_graph
+
+    model = make()
+    fam = family_of(model)
+    shape = arch_shape(model)
+    labels = {"labels": ids if fam.causal_lm else torch.tensor([0, 1])}
+    model.zero_grad()
+    model(input_ids=ids, **labels).loss.backward()  # eval mode, as taylor_importance runs it
+    dg, _ = _build_graph(model, fam)
+    mag = tp.importance.GroupMagnitudeImportance(p=2, group_reduction="sum", normalizer=None, bias=True)
+    tay = tp.importance.GroupTaylorImportance(group_reduction="sum", normalizer=None, bias=True)
+    ours_mag = unit_scores(model, "magnitude")
+    ours_tay = unit_scores(model, "taylor", calib={"input_ids": ids, **labels})
+    for i, lr in enumerate(layer_roles(model)):
+        heads = dg.get_pruning_group(lr.q, tp.prune_linear_out_channels, list(range(lr.q.out_features)))
+        chans = dg.get_pruning_group(
+            lr.mlp_in[0], tp.prune_linear_out_channels, list(range(shape.intermediate_size))
+        )
+        per_head = lambda rows: rows.view(shape.num_heads, -1).sum(1).double().numpy()  # noqa: E731
+        np.testing.assert_allclose(per_head(mag(heads)) ** 0.5, ours_mag.heads[i], rtol=1e-5)
+        np.testing.assert_allclose(mag(chans).double().numpy() ** 0.5, ours_mag.channels[i], rtol=1e-5)
+        np.testing.assert_allclose(per_head(tay(heads)), ours_tay.heads[i], rtol=1e-4)
+        np.testing.assert_allclose(tay(chans).double().numpy(), ours_tay.channels[i], rtol=1e-4)
