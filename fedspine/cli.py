@@ -1,5 +1,6 @@
 """Command line. ``fedspine run --config FILE [section.field=value ...]`` runs a federated
 simulation; ``fedspine config show`` prints the effective config of the same arguments;
+``fedspine partition`` (same arguments) prints its device partition without training;
 ``fedspine demo`` shows the allocator alone on a synthetic fleet (numpy only).
 Parsing and dispatch only; the work lives in the library.
 
@@ -138,6 +139,23 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _partition(args: argparse.Namespace) -> int:
+    from fedspine.config import load_config
+    from fedspine.data.partition import format_stats
+    from fedspine.fl.build import check
+    from fedspine.fl.world import World
+
+    cfg = check(load_config(args.config, args.overrides))  # a user error: one line from main()
+    world = World.build(cfg)  # the run's own data and partition (a min_size it cannot meet fails here)
+    d = cfg.data
+    print(
+        f"{d.source}, {cfg.fleet.devices} devices, data.partition={d.partition}, data.alpha={d.alpha}, "
+        f"data.min_size={d.min_size}, seed={cfg.seed} (flwr-datasets partitioners, fedspine.data.partition)"
+    )
+    print(format_stats(world.partition_stats, label_names=world.data.label_names, max_devices=args.rows))
+    return 0
+
+
 def _config_show(args: argparse.Namespace) -> int:
     from fedspine.config import load_config, to_yaml
     from fedspine.fl.build import effective
@@ -208,6 +226,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="check the config, the model's shape and the data against the fleet, then stop (writes nothing)",
     )
     run.set_defaults(func=_run)
+    part = sub.add_parser(
+        "partition", help="a config's device partition: sizes, label counts, label entropy (no training)"
+    )
+    part.add_argument("--config", default=None, help="YAML or TOML file, as for run")
+    part.add_argument("overrides", nargs="*", help="section.field=value, e.g. data.alpha=0.1 seed=1")
+    part.add_argument("--rows", type=int, default=None, help="show at most this many devices (default: all)")
+    part.set_defaults(func=_partition)
     config = sub.add_parser("config", help="the effective config: config show --config FILE [overrides]")
     show = config.add_subparsers(dest="action", required=True).add_parser(
         "show",

@@ -29,7 +29,8 @@ DATA_SOURCES = ("synthetic", "rotten-tomatoes")  # or a path to a local file / s
 TASKS = ("classification", "causal-lm")  # == fedspine.models.TASKS (a contract test keeps them equal)
 LM_DATA_SOURCES = ("synthetic", "chatterbot")  # task causal-lm: prompt/answer pairs (fedspine.data.causal)
 LM_MODELS = ("tiny-llama", "smollm2-135m")  # decoders; or a local HF causal-LM directory
-PARTITIONS = ("iid", "dirichlet")  # == fedspine.data.partition.SCHEMES
+PARTITIONS = ("iid", "dirichlet", "pathological", "shard")  # == fedspine.data.partition.SCHEMES
+CLASS_ASSIGNMENTS = ("random", "deterministic", "first-deterministic")  # == partition.CLASS_ASSIGNMENTS
 PRECISIONS = ("auto", "fp32", "bf16")  # ClientConfig.precision (fedspine.fl.placement)
 DEVICES = ("auto", "cpu", "cuda")  # ClientConfig.device (fedspine.fl.placement)
 RUNNERS = ("auto", "per-device", "batched")  # TrainConfig.runner (fedspine.fl.runners / batched)
@@ -66,9 +67,15 @@ class DataConfig:
     test_fraction: float = 0.1
     max_examples: int | None = None  # subsample (seeded) for quick runs
     max_test: int | None = 500  # evaluate on at most this many test examples
-    partition: str = "dirichlet"
-    alpha: float = 0.5  # Dirichlet concentration (ours; the paper's is unknown)
-    min_size: int = 8
+    # Device partitions are flwr-datasets' partitioners (fedspine.data.partition); each field
+    # below says which of their arguments it is.
+    partition: str = "dirichlet"  # one of PARTITIONS
+    alpha: float = 0.5  # dirichlet: alpha (ours; the paper's is unknown)
+    min_size: int = 8  # every scheme: examples a device must hold (dirichlet: min_partition_size)
+    self_balancing: bool = False  # dirichlet: self_balancing
+    classes_per_device: int = 2  # pathological: num_classes_per_partition
+    class_assignment: str = "random"  # pathological: class_assignment_mode, one of CLASS_ASSIGNMENTS
+    shards_per_device: int = 2  # shard: num_shards_per_partition (shard size follows)
 
 
 @dataclass(frozen=True)
@@ -329,6 +336,10 @@ def validate(cfg: RunConfig) -> RunConfig:
     need(0 < d.test_fraction < 1, "data.test_fraction", "in (0, 1)", d.test_fraction)
     need(d.partition in PARTITIONS, "data.partition", f"one of {list(PARTITIONS)}", d.partition)
     need(finite(d.alpha) and d.alpha > 0, "data.alpha", "a finite number > 0", d.alpha)
+    need(d.classes_per_device >= 1, "data.classes_per_device", ">= 1", d.classes_per_device)
+    allowed = f"one of {list(CLASS_ASSIGNMENTS)}"
+    need(d.class_assignment in CLASS_ASSIGNMENTS, "data.class_assignment", allowed, d.class_assignment)
+    need(d.shards_per_device >= 1, "data.shards_per_device", ">= 1", d.shards_per_device)
     need(d.max_examples is None or d.max_examples >= 20, "data.max_examples", "None or >= 20", d.max_examples)
     need(d.max_test is None or d.max_test >= 1, "data.max_test", "None (all) or >= 1", d.max_test)
     need(d.min_size >= 1, "data.min_size", ">= 1 (every device needs data)", d.min_size)

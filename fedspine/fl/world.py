@@ -56,7 +56,6 @@ class World:
         :func:`check_model` and :func:`check_data`) is refused here with a ``ConfigError``
         naming the field, before anything is trained or written."""
         seeds = Seeds(cfg.seed)  # one named stream per consumer (fedspine.seeds)
-        partition_stream = seeds.sequence("partition")
         task = get_task(cfg.model.task)
         with _user_input("model.name", cfg.model.name, local=cfg.model.name not in MODELS):
             model0, tokenizer = build_model(cfg.model.name, 2, seed=seeds.integer("model"), task=task)
@@ -85,22 +84,22 @@ class World:
             compute_spread=cfg.fleet.compute_spread,
         )
         labels = data.partition_labels()  # causal LM: topics stand in for labels
+        d = cfg.data
         try:
-            parts = partition(
+            parts = partition(  # flwr-datasets' partitioners, seeded by 31 bits of the partition stream
                 labels,
                 cfg.fleet.devices,
-                scheme=cfg.data.partition,
-                alpha=cfg.data.alpha,
-                seed=np.random.default_rng(partition_stream),
-                min_size=cfg.data.min_size,
+                scheme=d.partition,
+                alpha=d.alpha,
+                seed=seeds.integer("partition"),
+                min_size=d.min_size,
+                self_balancing=d.self_balancing,
+                classes_per_device=d.classes_per_device,
+                class_assignment=d.class_assignment,
+                shards_per_device=d.shards_per_device,
             )
-        except ValueError as exc:  # no Dirichlet draw gave every device data.min_size examples
-            d = cfg.data
-            raise ConfigError(
-                f"data.alpha={d.alpha}, data.min_size={d.min_size} and fleet.devices={cfg.fleet.devices} "
-                f"cannot be met on {len(labels)} training examples: raise data.alpha, lower "
-                f"data.min_size or fleet.devices ({exc})"
-            ) from None
+        except ValueError as exc:  # the partition's message names the data.* / fleet.devices fields
+            raise ConfigError(str(exc)) from None
         return cls(
             cfg=cfg,
             model0=model0,

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_config_name_tuples_equal_the_registries():
-    from fedspine.data.partition import SCHEMES
+    from fedspine.data.partition import CLASS_ASSIGNMENTS, SCHEMES
     from fedspine.data.sources import packaged_sources
     from fedspine.fl.client import LOSSES
     from fedspine.fl.strategies import STRATEGIES
@@ -29,6 +29,7 @@ def test_config_name_tuples_equal_the_registries():
     assert sorted(config.IMPORTANCES) == importance_names()
     assert config.TASKS == tuple(TASKS) and config.PARTITIONS == SCHEMES and config.LOSSES == LOSSES
     assert sorted(set(config.DATA_SOURCES) - {"synthetic"}) == packaged_sources()
+    assert config.CLASS_ASSIGNMENTS == CLASS_ASSIGNMENTS
 
 
 @pytest.fixture

@@ -48,8 +48,10 @@ def test_same_seed_same_run():
 def test_bad_config_names_the_field_before_any_work():
     with pytest.raises(ValueError, match=r"strategy.name must be one of \[.*'fedspine'.*\], got 'fedsp1ne'"):
         load_config(None, ["strategy.name=fedsp1ne"])
-    with pytest.raises(ValueError, match=r"data.partition must be one of \['iid', 'dirichlet'\]"):
-        load_config(None, ["data.partition=pathological"])
+    with pytest.raises(
+        ValueError, match=r"data.partition must be one of \['iid', 'dirichlet', 'pathological', 'shard'\]"
+    ):
+        load_config(None, ["data.partition=shards"])
     with pytest.raises(ValueError, match=r"unknown field\(s\) \['train.lr_rate'\]"):
         load_config(None, ["train.lr_rate=0.1"])
     with pytest.raises(ValueError, match="train.rounds must be int"):
