@@ -3,7 +3,9 @@
 Two handlers. ``query`` tells the server which fleet device this node is (its ``partition-id``);
 it imports no torch, so discovery stays fast. ``train`` runs one round (``DeviceHost.train``),
 with the device's state taken from its own memory or disk (``fedspine.flower.device``). Any
-error becomes Flower's error reply, which the server records as the device's failure.
+error becomes Flower's error reply, which the server records as the device's failure. A node
+started with ``--node-config 'corrupt=nan'`` (or inf, shape, keys, norm) corrupts every update it
+sends, to test the server's defences on a real deployment.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from fedspine.flower import codec
-from fedspine.flower.options import node_model, node_state_dir, partition_of, read_run_config
+from fedspine.flower.options import node_corruption, node_model, node_state_dir, partition_of, read_run_config
 
 app = ClientApp()
 
@@ -48,4 +50,11 @@ def train(msg: Message, context: Context) -> Message:
         store_root=node_state_dir(context.node_config, opts),
         capacity=opts.device_cache,
     )
+    how = node_corruption(context.node_config)
+    if how:  # a deliberately faulty node (--node-config 'corrupt=nan'), seeded per run, device, round
+        import numpy as np
+
+        from fedspine.fl.faults import corrupt
+
+        res = corrupt(res, how, np.random.default_rng([context.run_id, partition, ins.round]))
     return Message(codec.encode_res(res), reply_to=msg)

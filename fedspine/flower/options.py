@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedspine.config import RunConfig, load_config
+from fedspine.config import CORRUPT_KINDS, RunConfig, load_config
 
 APP_ROOT = Path(__file__).resolve().parents[2]  # the Flower app (FAB) or repository root
 TIME_SOURCES = ("auto", "modelled", "measured")
@@ -179,3 +179,13 @@ def node_model(node_config: Mapping[str, Any], cfg: RunConfig) -> RunConfig:
     if not isinstance(path, str) or not Path(path).expanduser().is_dir():
         raise ValueError(f"node config 'model-path' must be a local model directory, got {path!r}")
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name=str(Path(path).expanduser())))
+
+
+def node_corruption(node_config: Mapping[str, Any]) -> str:
+    """What this node does to every update it sends (``corrupt`` in ``--node-config``): "" for
+    nothing, or one of ``config.CORRUPT_KINDS``. For studying a real deployment's defences: the
+    server's screening (``fedspine.fl.screening``) must reject such a node's updates."""
+    value = node_config.get("corrupt", "")
+    if value != "" and value not in CORRUPT_KINDS:
+        raise ValueError(f"node config 'corrupt' must be '' or one of {list(CORRUPT_KINDS)}, got {value!r}")
+    return value

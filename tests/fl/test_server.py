@@ -33,5 +33,5 @@ def test_server_step_takes_reshaped_keys_as_they_are():
 def test_server_optimiser_fields_are_validated():
     with pytest.raises(ValueError, match=r"train.server_momentum must be in \[0, 1\)"):
         load_config(None, ["train.server_momentum=1.0"])
-    with pytest.raises(ValueError, match="train.server_lr must be > 0"):
+    with pytest.raises(ValueError, match="train.server_lr must be a finite number > 0"):
         load_config(None, ["train.server_lr=0"])

@@ -137,3 +137,23 @@ def _zombie(pid):
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
     except OSError:
         return True
+
+
+@pytest.mark.slow
+def test_deployment_runtime_rejects_a_supernode_that_sends_corrupt_updates(tmp_path):
+    """SuperNode 1 runs with ``--node-config 'corrupt=nan'``: every update it sends has a NaN.
+    The server screens it out (a failure for the allocator, nothing aggregated from it) and the
+    run goes on with the honest node, its global state finite."""
+    rc = app_config(tmp_path, 2, 2, **{"round-timeout": 120})
+    cfgs = nodes(tmp_path, 2)
+    cfgs[1]["corrupt"] = "nan"
+    with LocalFederation(tmp_path / "fed", simulation=False, nodes=cfgs) as fed:
+        out = fed.run(ROOT, rc)
+    assert fed.leftovers() == []
+    assert out.ok, out.log[-4000:]
+    for r in read_metrics(tmp_path / "run"):
+        assert list(r["rejected"]) == ["d001"] and "non-finite" in r["rejected"]["d001"]
+        assert r["failures"] == {"d001": f"rejected: {r['rejected']['d001']}"}
+        assert list(r["round_time_s"]) == ["d000"] and r["aggregated"]
+    _, arrays = checkpoint.load(tmp_path / "run" / "checkpoint")
+    assert all(np.isfinite(v).all() for k, v in arrays.items() if k.startswith("global/"))
