@@ -27,7 +27,7 @@ NOT_RUN = {
     "RAY_ADDRESS=": "a Flower server process on a Ray cluster",
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1": "a Flower server process",
     "HF_HUB_OFFLINE=1 python scripts/bench_pruning.py": "a benchmark on real models (minutes)",
-    "fedspine partition": "builds the real data and partition (~30 s); tests/test_cli.py runs it on the smoke config",
+    "fedspine partition": "builds the real data and partition (~30 s); tests/test_cli.py runs it on smoke",
 }
 
 
