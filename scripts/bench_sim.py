@@ -9,7 +9,7 @@ real (unpadded) tokens/s, achieved TFLOP/s and MFU against the peak measured her
 and fp32 matmul, in the same run), and the ratio to the per-device fp32 path. For the batched
 path also the share of its wall time spent outside forward/backward, a full simulated round's
 share outside forward/backward (aggregation and evaluation included), and how the local
-training time grows with the number of devices (``--scaling``, 2 local steps each).
+training time grows with the number of devices (``--scaling``, 2 local steps each, IID partition).
 
 FLOPs (ours, an estimate): 4 x (weights of the device's kept Linear layers) per real token,
 forward plus the activation gradients of backward (the frozen base gets no weight gradients);
@@ -173,8 +173,10 @@ def main() -> None:
         )
         first = None
         for n in [int(x) for x in args.scaling.split(",")]:
+            # IID: a Dirichlet split of the quick data cannot give 320 devices 16 examples each
             c = dataclasses.replace(
                 cfg,
+                data=dataclasses.replace(cfg.data, partition="iid"),
                 fleet=dataclasses.replace(cfg.fleet, devices=n, participation=1.0),
                 train=dataclasses.replace(cfg.train, local_steps=2, precision="bf16", runner="batched"),
             )
