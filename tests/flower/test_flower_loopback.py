@@ -18,7 +18,7 @@ from fedspine.fl.messages import Failure, TrainIns, TrainRes  # noqa: E402
 from fedspine.fl.simulator import Simulation, run  # noqa: E402
 from fedspine.fl.world import World  # noqa: E402
 from fedspine.flower import client_app, codec  # noqa: E402
-from fedspine.flower.options import ALLOWED_KEYS, partition_of, read_run_config  # noqa: E402
+from fedspine.flower.options import ALLOWED_KEYS, node_corruption, partition_of, read_run_config  # noqa: E402
 from fedspine.flower.server_app import serve  # noqa: E402
 from fedspine.pruning.index_map import ArchShape, KeptIndexMap  # noqa: E402
 
@@ -111,6 +111,9 @@ def test_bad_run_and_node_config_names_the_key():
         partition_of({"partition-id": 4}, cfg)
     with pytest.raises(ValueError, match="'num-partitions' is 8 but the run's fleet.devices is 4"):
         partition_of({"partition-id": 1, "num-partitions": 8}, cfg)
+    with pytest.raises(ValueError, match=r"node config 'corrupt' must be '' or one of \['nan', 'inf'"):
+        node_corruption({"corrupt": "nans"})
+    assert node_corruption({}) == "" and node_corruption({"corrupt": "norm"}) == "norm"
 
 
 def test_flower_loop_gives_the_in_process_simulator_records_exactly(tmp_path):
