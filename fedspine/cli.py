@@ -229,8 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     part = sub.add_parser(
         "partition", help="a config's device partition: sizes, label counts, label entropy (no training)"
     )
-    part.add_argument("--config", default=None, help="YAML or TOML file, as for run")
-    part.add_argument("overrides", nargs="*", help="section.field=value, e.g. data.alpha=0.1 seed=1")
+    _config_arguments(part)
     part.add_argument("--rows", type=int, default=None, help="show at most this many devices (default: all)")
     part.set_defaults(func=_partition)
     config = sub.add_parser("config", help="the effective config: config show --config FILE [overrides]")

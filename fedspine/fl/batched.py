@@ -19,8 +19,7 @@ How (ours):
 - **Real tokens only** (``PACKING``: the BERT- and LLaMA-family heads). The token-wise work (every Linear,
   norm, activation, dropout and LoRA) runs on the packed real tokens of the K devices, each
   device's block padded only to the group's largest real-token count, not every sequence to
-  the batch's width (on Rotten Tomatoes at length 48 about 45% of the padded positions are
-  padding). Attention scatters the tokens back to the padded layout and runs there; the
+  the batch's width. Attention scatters the tokens back to the padded layout and runs there; the
   classification head reads each sequence's pooled token and the LM head only the labelled
   positions. Other models run padded, through HF's own forward.
 - **Everything else per device**: AdamW moments and step counts (a prune resets the device's,

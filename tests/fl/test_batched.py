@@ -56,7 +56,7 @@ def _close(ref: dict, got: dict, lr: float, rel: float = 1e-3) -> None:
         assert np.abs(ref[key] - got[key]).max() <= tol, key
 
 
-@pytest.mark.parametrize(
+MODELS = pytest.mark.parametrize(
     "model",
     [
         {"model__name": "tiny-bert"},
@@ -65,6 +65,9 @@ def _close(ref: dict, got: dict, lr: float, rel: float = 1e-3) -> None:
     ],
     ids=["bert", "llama", "llama-lm"],
 )
+
+
+@MODELS
 def test_one_round_equals_the_per_device_path(model):
     cfg = _cfg(**model)
     _one_round_equals_the_per_device_path(cfg, _world(cfg))
@@ -194,15 +197,7 @@ def test_precision_follows_the_cpu_flags():
         check(config_from_mapping({"train": {"precision": "fp16"}}))
 
 
-@pytest.mark.parametrize(
-    "model",
-    [
-        {"model__name": "tiny-bert"},
-        {"model__name": "tiny-llama"},
-        {"model__name": "tiny-llama", "model__task": "causal-lm"},
-    ],
-    ids=["bert", "llama", "llama-lm"],
-)
+@MODELS
 def test_the_packed_forward_equals_the_padded_one(model):
     """Real tokens only (``PACKING``) gives the padded forward's losses and factor gradients."""
     cfg = _cfg(**model)
