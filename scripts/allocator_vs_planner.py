@@ -40,6 +40,7 @@ FLEETS = {
 ALLOCATORS = {
     "fedspine (deadline, pooled-ucb)": {},
     "deadline, random in the same safe set": {"policy": "random"},
+    "deadline, capacity ratio rule": {"ratio_rule": "capacity"},
     "deadline, per-device s-ucb in the safe set": {"policy": "s-ucb"},
     "paper (s-ucb, quantile reward, safe cap)": {"objective": "paper"},
     "paper, no cap (per-device s-ucb)": {"objective": "paper", "safe_slack": None},

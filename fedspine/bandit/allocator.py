@@ -16,7 +16,7 @@ from fedspine.bandit.arms import Arm, ArmSpace
 from fedspine.bandit.fleet import FleetModel
 from fedspine.bandit.policies import POLICIES, make_policy
 from fedspine.bandit.reward import RewardConfig
-from fedspine.bandit.safety import SafeExploration
+from fedspine.bandit.safety import RATIO_RULES, SafeExploration
 from fedspine.bandit.tracker import RewardTracker
 
 DeviceId = str | int
@@ -33,7 +33,7 @@ _REPORT_FIELDS = (
     "failed",
 )
 _report_fields = attrgetter(*_REPORT_FIELDS)
-_STATE_VERSION = 2
+_STATE_VERSION = 3
 OBJECTIVES = ("deadline", "paper")
 _CONFIG_KEYS = (
     "safe_slack",
@@ -43,6 +43,7 @@ _CONFIG_KEYS = (
     "change_factor",
     "monotone_pruning",
     "prune_elasticity",
+    "ratio_rule",
 )
 DEFAULT_POLICY = {"deadline": "pooled-ucb", "paper": "s-ucb"}
 
@@ -141,6 +142,7 @@ class Allocator:
         change_factor: float | None = 1.5,
         monotone_pruning: bool = True,
         prune_elasticity: float = 0.8,
+        ratio_rule: str = "value",
     ):
         if not isinstance(space, ArmSpace):
             raise ValueError(f"space must be an ArmSpace, got {type(space).__name__}")
@@ -162,6 +164,8 @@ class Allocator:
             _check_number(change_factor, "change_factor", lo=1.0, lo_open=True)
         _check_bool(monotone_pruning, "monotone_pruning")
         _check_number(prune_elasticity, "prune_elasticity", lo=0.0)
+        if ratio_rule not in RATIO_RULES:
+            raise ValueError(f"ratio_rule must be one of {list(RATIO_RULES)}, got {ratio_rule!r}")
         self.space = space
         self.objective = objective
         self.change_factor = None if change_factor is None else float(change_factor)
@@ -195,6 +199,7 @@ class Allocator:
             prune_elasticity=float(prune_elasticity),
             target_ratio=self.reward.target_ratio,
             time_alpha=self.reward.time_alpha,
+            ratio_rule=ratio_rule,
         )
 
     # The safety settings live in ``safety``; read here for the state's config keys.
@@ -203,6 +208,7 @@ class Allocator:
     explore_factor = property(lambda self: self.safety.explore_factor)
     monotone_pruning = property(lambda self: self.safety.monotone_pruning)
     prune_elasticity = property(lambda self: self.safety.prune_elasticity)
+    ratio_rule = property(lambda self: self.safety.ratio_rule)
 
     # --- choosing ------------------------------------------------------------------------------
     def assign(self, device_ids: Iterable[DeviceId], round: int) -> dict[DeviceId, Arm]:
@@ -425,6 +431,7 @@ class Allocator:
             "change_factor": self.change_factor,
             "monotone_pruning": self.monotone_pruning,
             "prune_elasticity": self.prune_elasticity,
+            "ratio_rule": self.ratio_rule,
             **self.safety.state_dict(),  # deadline, floor
             "rng": self.rng.bit_generator.state,
             "fleet": self.fleet.state_dict(),

@@ -44,6 +44,10 @@ def fit_factors(log_sum: np.ndarray, weight: np.ndarray, sweeps: int) -> tuple[n
     return np.where(row_w > 0, theta, np.nan), np.where(seen, phi, np.nan)
 
 
+# quality below this counts as this much in the log model (a round that bought nothing)
+VALUE_FLOOR = 1e-3
+
+
 class FleetModel:
     """Pooled log-time statistics per (device lane, arm), discounted per device by ``decay`` so
     a device whose speed changes (thermal throttling, a new network) is re-learnt; and the
@@ -66,6 +70,10 @@ class FleetModel:
         self.weight = np.zeros((0, n_arms))
         self.quality_sum = np.zeros(n_arms)
         self.quality_n = np.zeros(n_arms)
+        # the quality factor per (lane, arm) in the same two-factor model, discounted like times:
+        # what an arm buys, with each device's difficulty separated out (arm_values)
+        self.value_log_sum = np.zeros((0, n_arms))
+        self.value_weight = np.zeros((0, n_arms))
 
     @property
     def n_lanes(self) -> int:
@@ -74,11 +82,17 @@ class FleetModel:
     def add_lanes(self, n: int) -> None:
         self.log_sum = np.concatenate([self.log_sum, np.zeros((n, self.n_arms))])
         self.weight = np.concatenate([self.weight, np.zeros((n, self.n_arms))])
+        self.value_log_sum = np.concatenate([self.value_log_sum, np.zeros((n, self.n_arms))])
+        self.value_weight = np.concatenate([self.value_weight, np.zeros((n, self.n_arms))])
 
     def observe(self, lanes: np.ndarray, arms: np.ndarray, times_s: np.ndarray, quality: np.ndarray) -> None:
         """Record completed rounds (lanes distinct)."""
         self.quality_sum += np.bincount(arms, weights=quality, minlength=self.n_arms)
         self.quality_n += np.bincount(arms, minlength=self.n_arms)
+        self.value_log_sum[lanes] *= self.decay
+        self.value_weight[lanes] *= self.decay
+        self.value_log_sum[lanes, arms] += np.log(np.maximum(quality, VALUE_FLOOR))
+        self.value_weight[lanes, arms] += 1.0
         keep = times_s > 0
         lanes, arms, times_s = lanes[keep], arms[keep], times_s[keep]
         if lanes.size == 0:
@@ -128,6 +142,12 @@ class FleetModel:
         with np.errstate(divide="ignore", invalid="ignore"):
             return np.where(self.quality_n > 0, self.quality_sum / self.quality_n, np.nan)
 
+    def arm_values(self) -> tuple[np.ndarray, np.ndarray]:
+        """Log quality effect per arm (NaN where nobody completed it), device effects removed,
+        and each arm's discounted number of observations."""
+        _, effect = fit_factors(self.value_log_sum, self.value_weight, self.sweeps)
+        return effect, self.value_weight.sum(axis=0)
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "decay": self.decay,
@@ -137,6 +157,8 @@ class FleetModel:
             "weight": self.weight.tolist(),
             "quality_sum": self.quality_sum.tolist(),
             "quality_n": self.quality_n.tolist(),
+            "value_log_sum": self.value_log_sum.tolist(),
+            "value_weight": self.value_weight.tolist(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -147,3 +169,6 @@ class FleetModel:
         self.weight = np.asarray(state["weight"], dtype=np.float64).reshape(-1, self.n_arms)
         self.quality_sum = np.asarray(state["quality_sum"], dtype=np.float64)
         self.quality_n = np.asarray(state["quality_n"], dtype=np.float64)
+        shape = self.log_sum.shape
+        self.value_log_sum = np.asarray(state["value_log_sum"], dtype=np.float64).reshape(shape)
+        self.value_weight = np.asarray(state["value_weight"], dtype=np.float64).reshape(shape)

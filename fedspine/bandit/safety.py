@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from fedspine.bandit.arms import ArmSpace
-from fedspine.bandit.fleet import FleetModel
+from fedspine.bandit.fleet import FleetModel, fit_factors
 from fedspine.bandit.planner import capacity, one_step_cheaper
 from fedspine.bandit.reward import time_score
 
@@ -31,6 +31,15 @@ from fedspine.bandit.reward import time_score
 # scripts/allocator_vs_planner.py holds out: 1.0 overshoots the planner's makespan by ~7%, 1.05
 # costs ~2% capacity).
 UNPROVEN_MARGIN = 1.03
+
+# Ratio rule "value": the learnt worth of an arm is taken as proportional to its kept fraction to
+# this power times a learnt factor per rank (ours; 1 = capacity's kept-fraction term). Pruning is
+# never undone, so it is taken only for a rank whose learnt worth beats the least pruning that
+# meets the deadline by more than VALUE_MARGIN (ours: a hysteresis against noise ratcheting the
+# pruning upward round by round).
+PRUNE_VALUE_EXPONENT = 1.0
+VALUE_MARGIN = 0.05
+RATIO_RULES = ("value", "capacity")
 
 
 class SafeExploration:
@@ -55,7 +64,11 @@ class SafeExploration:
         prune_elasticity: float,
         target_ratio: float,
         time_alpha: float,
+        ratio_rule: str = "value",
     ):
+        if ratio_rule not in RATIO_RULES:
+            raise ValueError(f"ratio_rule must be one of {list(RATIO_RULES)}, got {ratio_rule!r}")
+        self.ratio_rule = ratio_rule
         self.space = space
         self.objective = objective
         self.safe_slack = safe_slack
@@ -69,6 +82,7 @@ class SafeExploration:
         self._step = one_step_cheaper(space)
         self._arm_ratios = np.array([a.ratio for a in space], dtype=np.float64)
         self._arm_ranks = np.array([a.rank for a in space], dtype=np.int64)
+        self._rank_index = np.array([space.ranks.index(a.rank) for a in space])
         # A newcomer's first arm: pruning is undone by nothing when devices prune progressively
         # (the paper's design), so start unpruned at the lowest rank; else on the cheapest arm.
         unpruned = np.flatnonzero(self._arm_ratios == np.array(space.ratios)[0])
@@ -139,13 +153,14 @@ class SafeExploration:
         if deadline <= 0.0:
             allowed[known, self.start_arm] = True
             return allowed, None
-        fits, ok = self._fit_deadline(pred, deadline)
+        worth = self.arm_worth(fleet) if self.ratio_rule == "value" else self._capacity
+        fits, ok = self._fit_deadline(pred, deadline, worth)
         target = self.target_ratio
         if target and self._arm_ratios[ok.argmax(axis=1)].mean() > target + 1e-9:
             # a sparsity target below what this deadline needs: lengthen the round until it holds
             longest = max(2.0, float(pred[np.isfinite(pred)].max() / deadline))
             for factor in np.geomspace(1.02, longest, 40):  # the last one if none is enough
-                fits, ok = self._fit_deadline(pred, deadline * factor)
+                fits, ok = self._fit_deadline(pred, deadline * factor, worth)
                 if self._arm_ratios[ok.argmax(axis=1)].mean() <= target + 1e-9:
                     break
             deadline *= float(factor)
@@ -154,15 +169,63 @@ class SafeExploration:
         allowed[known] = ok
         return allowed, deadline
 
-    def _fit_deadline(self, pred: np.ndarray, deadline: float) -> tuple[np.ndarray, np.ndarray]:
+    def _fit_deadline(
+        self, pred: np.ndarray, deadline: float, worth: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Arms predicted to meet ``deadline`` (a device that meets it on none: its fastest), and
-        among them those at the ratio of the largest arm that fits, as the planner would choose
-        (ties: the least pruning, which is never undone)."""
+        among them the ones the policy may choose: at one ratio per device, the least pruning
+        that meets the deadline unless a more pruned arm is worth more (``worth`` per arm,
+        :meth:`arm_worth` or capacity). Above that least pruning only the ranks that beat it
+        stay, so no device pays pruning for a rank it then does not play."""
         fits = pred <= deadline * (1 + 1e-9)
         fits[np.arange(pred.shape[0]), pred.argmin(axis=1)] |= ~fits.any(axis=1)
-        score = np.where(fits, self._capacity[None, :] - 1e-9 * self._arm_ratios[None, :], -np.inf)
-        chosen = self._arm_ratios[score.argmax(axis=1)]
-        return fits, fits & np.isclose(self._arm_ratios[None, :], chosen[:, None])
+        ratios = self._arm_ratios[None, :]
+        least = np.where(fits, ratios, np.inf).min(axis=1)
+        at_least = fits & np.isclose(ratios, least[:, None])
+        margin = np.log1p(VALUE_MARGIN) if self.ratio_rule == "value" else 0.0
+        log_worth = np.log(np.maximum(worth, 1e-12)) if self.ratio_rule == "capacity" else worth
+        base = np.where(at_least, log_worth[None, :], -np.inf).max(axis=1)
+        # ties: the least pruning, which is never undone
+        score = np.where(fits, log_worth[None, :] - 1e-9 * ratios, -np.inf)
+        best = score.argmax(axis=1)
+        raise_it = score[np.arange(pred.shape[0]), best] > base + margin
+        chosen = np.where(raise_it, self._arm_ratios[best], least)
+        ok = fits & np.isclose(ratios, chosen[:, None])
+        if self.ratio_rule == "value":
+            ok &= ~raise_it[:, None] | (log_worth[None, :] > base[:, None] + margin)
+        return fits, ok
+
+    def arm_worth(self, fleet: FleetModel) -> np.ndarray:
+        """Log worth of every arm for the ratio rule ``"value"`` (ours), from the fleet model's
+        pooled quality (:meth:`FleetModel.arm_values`: what each arm bought, device effects
+        removed), split on the grid into a ratio effect plus a rank effect so that an arm
+        nobody played is still valued. Pruning is never worth more than the kept fraction to
+        ``PRUNE_VALUE_EXPONENT`` says (a pruned model that trains as fast locally is still a
+        smaller model); a ratio nobody played is valued that way from the nearest played one.
+        A rank nobody played is worth what its nearest played rank is: no gain is assumed
+        before one is seen, since pruning for it is never undone. With nothing played every
+        rank is worth the same, so each device takes the least pruning that meets the deadline."""
+        effect, pulls = fleet.arm_values()
+        n_p, n_r = len(self.space.ratios), len(self.space.ranks)
+        ri = np.array([self.space.ratios.index(x) for x in self._arm_ratios])
+        known = ~np.isnan(effect) & (pulls > 0)
+        prior = PRUNE_VALUE_EXPONENT * np.log(1.0 - np.array(self.space.ratios))
+        if not known.any():
+            return prior[ri]
+        grid_sum = np.zeros((n_p, n_r))
+        grid_w = np.zeros((n_p, n_r))
+        np.add.at(grid_sum, (ri[known], self._rank_index[known]), effect[known] * pulls[known])
+        np.add.at(grid_w, (ri[known], self._rank_index[known]), pulls[known])
+        g, h = fit_factors(grid_sum, grid_w, sweeps=8)
+        g_seen, h_seen = np.flatnonzero(~np.isnan(g)), np.flatnonzero(~np.isnan(h))
+        near_r = h_seen[np.abs(np.arange(n_r)[:, None] - h_seen[None, :]).argmin(axis=1)]  # ties: lower
+        h = h[near_r]
+        near_p = g_seen[np.abs(np.arange(n_p)[:, None] - g_seen[None, :]).argmin(axis=1)]
+        g = g[near_p] + prior - prior[near_p]
+        # pruning costs at least what the prior says, going up the grid from the least pruned
+        for i in range(1, n_p):
+            g[i] = min(g[i], g[i - 1] + prior[i] - prior[i - 1])
+        return g[ri] + h[self._rank_index]
 
     def _guess_arm_costs(self, phi: np.ndarray) -> np.ndarray:
         """Arm costs (log-time effects) with the arms nobody has run guessed from run ones of
@@ -236,7 +299,7 @@ class SafeExploration:
             allowed[stuck, np.nanargmin(pred[stuck], axis=1)] = True
         return allowed
 
-    # --- persistence (keys of the Allocator's state, version 2) ---------------------------------
+    # --- persistence (keys of the Allocator's state, version 3) ---------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {"deadline": self.deadline, "floor": self.floor.tolist()}
 

@@ -120,7 +120,7 @@ class RewardTracker:
         self.gain_ref[lanes], self.norm_ref[lanes] = gain_ref, norm_ref
         return rewards, scores["quality"]
 
-    # --- persistence (keys of the Allocator's state, version 2) ---------------------------------
+    # --- persistence (keys of the Allocator's state, version 3) ---------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {
             "gain_ref": self.gain_ref.tolist(),

@@ -18,6 +18,7 @@ import numpy as np
 
 from fedspine.bandit import POLICIES, Allocator, Arm, ArmSpace, RewardConfig, RoundReport
 from fedspine.bandit.allocator import OBJECTIVES
+from fedspine.bandit.safety import RATIO_RULES
 from fedspine.config import ConfigError, from_mapping, require
 from fedspine.fl.messages import Failure, TrainRes
 
@@ -57,6 +58,7 @@ class FedSpineParams:
     deadline_slack: float = 0.0  # objective "deadline": headroom on the learnt deadline
     explore_factor: float = 1.25  # objective "deadline": how far above the deadline to explore
     prune_elasticity: float = 0.8  # objective "deadline": guessed time ~ kept fraction ** this
+    ratio_rule: str = "value"  # objective "deadline": prune for learnt worth ("value") or capacity
     reward: RewardConfig = field(default_factory=RewardConfig)
 
     def __post_init__(self) -> None:
@@ -69,6 +71,8 @@ class FedSpineParams:
         require(self.deadline_slack >= 0, f"{PARAMS}deadline_slack", ">= 0", self.deadline_slack)
         require(self.explore_factor >= 1, f"{PARAMS}explore_factor", ">= 1", self.explore_factor)
         require(self.prune_elasticity >= 0, f"{PARAMS}prune_elasticity", ">= 0", self.prune_elasticity)
+        rule = self.ratio_rule
+        require(rule in RATIO_RULES, f"{PARAMS}ratio_rule", f"one of {list(RATIO_RULES)}", rule)
 
 
 @dataclass(frozen=True)
@@ -206,6 +210,7 @@ class FedSpine(ArmAssigner):
             deadline_slack=p.deadline_slack,
             explore_factor=p.explore_factor,
             prune_elasticity=p.prune_elasticity,
+            ratio_rule=p.ratio_rule,
             monotone_pruning=True,  # a simulated device never regrows what it pruned
         )
 

@@ -15,7 +15,8 @@ from fedspine.bandit.tracker import RewardTracker
 SPACE = ArmSpace.grid([0.0, 0.25, 0.5], [4, 8])
 STATE_KEYS = [
     "version", "space", "reward", "seed", "safe_slack", "objective", "deadline_slack",
-    "explore_factor", "change_factor", "monotone_pruning", "prune_elasticity", "deadline", "floor",
+    "explore_factor", "change_factor", "monotone_pruning", "prune_elasticity", "ratio_rule",
+    "deadline", "floor",
     "rng", "fleet", "policy", "lanes", "pending", "round", "gain_ref", "norm_ref", "time_ref_ema",
     "times_round", "times",
 ]  # fmt: skip
@@ -36,7 +37,7 @@ def _safety(**kw):
 
 
 @pytest.mark.parametrize("objective", ["deadline", "paper"])
-def test_the_state_keeps_its_version_2_layout_and_round_trips_through_the_parts(objective):
+def test_the_state_keeps_its_version_3_layout_and_round_trips_through_the_parts(objective):
     fleet = SyntheticFleet.paper_mix(8, seed=0)
     alloc = Allocator(SPACE, seed=3, objective=objective, reward=RewardConfig(target_ratio=0.2))
     rng = np.random.default_rng(0)
