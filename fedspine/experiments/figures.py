@@ -1,5 +1,5 @@
 """Figures of an experiment (matplotlib, imported only when drawing): accuracy vs simulated time,
-the reference's arms per tier, waiting time per round, accuracy vs sparsity."""
+the reference's arms per tier and finish times, waiting time per round, accuracy vs sparsity."""
 
 from __future__ import annotations
 
@@ -72,6 +72,33 @@ def make_figures(exp: Experiment, results: Sequence[CellResult], out: Path) -> d
             a2.set(xlabel="round", ylabel="mean LoRA rank", title=f"{exp.reference}: rank per tier")
             a1.legend(fontsize=7)
             made[g]["arms per tier"] = _save(fig, fig_dir / f"arms_per_tier{suffix}.png")
+
+            # every device's finish time against its round's makespan: spare time that went unused
+            fig, ax = plt.subplots(figsize=(6.4, 3.6))
+            for i, t in enumerate(tiers):
+                pts = [
+                    (q["round"] + 0.25 * (i - (len(tiers) - 1) / 2), s)
+                    for q in ref.records
+                    for d, s in q.get("round_time_s", {}).items()
+                    if q.get("tiers", {}).get(d) == t
+                ]
+                if pts:
+                    ax.scatter(*zip(*pts, strict=True), s=8, alpha=0.7, label=t)
+            ax.plot(
+                [q["round"] for q in ref.records],
+                [q["makespan_s"] for q in ref.records],
+                color="k",
+                lw=1,
+                label="makespan",
+            )
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set(
+                xlabel="round",
+                ylabel="device round time (s, sim.)",
+                title=f"{exp.reference}: finish times against the makespan",
+            )
+            ax.legend(fontsize=7)
+            made[g]["finish times"] = _save(fig, fig_dir / f"finish_times{suffix}.png")
 
         fig, ax = plt.subplots(figsize=(6.4, 3.6))
         for v in variants:

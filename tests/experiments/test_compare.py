@@ -152,7 +152,7 @@ def test_compare_writes_tables_and_figures_and_does_not_repeat_finished_runs(tmp
     assert capsys.readouterr().out.count("done before, read back") == 1
     md = (out / "results.md").read_text()
     assert "| fedspine |" in md and "| fedavg |" in md and "--seeds 1" in md
-    for fig in ("accuracy_vs_time", "arms_per_tier", "waiting", "accuracy_vs_sparsity"):
+    for fig in ("accuracy_vs_time", "arms_per_tier", "finish_times", "waiting", "accuracy_vs_sparsity"):
         assert (out / "figures" / f"{fig}.png").stat().st_size > 1000
     assert compare_main(args) == 0
     assert capsys.readouterr().out.count("done before, read back") == 2
