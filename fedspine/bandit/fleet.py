@@ -48,6 +48,17 @@ def fit_factors(log_sum: np.ndarray, weight: np.ndarray, sweeps: int) -> tuple[n
 VALUE_FLOOR = 1e-3
 
 
+def _decay_rows(decay: float, lanes: np.ndarray, *arrays: np.ndarray) -> None:
+    """Multiply rows ``lanes`` (distinct) of each array by ``decay``; in place, without a gather,
+    when they are every row (a whole fleet's round)."""
+    every = lanes.size == arrays[0].shape[0]
+    for a in arrays:
+        if every:
+            a *= decay
+        else:
+            a[lanes] *= decay
+
+
 class FleetModel:
     """Pooled log-time statistics per (device lane, arm), discounted per device by ``decay`` so
     a device whose speed changes (thermal throttling, a new network) is re-learnt; and the
@@ -89,8 +100,7 @@ class FleetModel:
         """Record completed rounds (lanes distinct)."""
         self.quality_sum += np.bincount(arms, weights=quality, minlength=self.n_arms)
         self.quality_n += np.bincount(arms, minlength=self.n_arms)
-        self.value_log_sum[lanes] *= self.decay
-        self.value_weight[lanes] *= self.decay
+        _decay_rows(self.decay, lanes, self.value_log_sum, self.value_weight)
         self.value_log_sum[lanes, arms] += np.log(np.maximum(quality, VALUE_FLOOR))
         self.value_weight[lanes, arms] += 1.0
         keep = times_s > 0
@@ -106,8 +116,7 @@ class FleetModel:
             changed = lanes[jump]
             self.log_sum[changed] = 0.0
             self.weight[changed] = 0.0
-        self.log_sum[lanes] *= self.decay
-        self.weight[lanes] *= self.decay
+        _decay_rows(self.decay, lanes, self.log_sum, self.weight)
         self.log_sum[lanes, arms] += log_t
         self.weight[lanes, arms] += 1.0
 

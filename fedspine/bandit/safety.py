@@ -83,6 +83,7 @@ class SafeExploration:
         self._arm_ratios = np.array([a.ratio for a in space], dtype=np.float64)
         self._arm_ranks = np.array([a.rank for a in space], dtype=np.int64)
         self._rank_index = np.array([space.ranks.index(a.rank) for a in space])
+        self._ratio_index = np.array([space.ratios.index(a.ratio) for a in space])
         # A newcomer's first arm: pruning is undone by nothing when devices prune progressively
         # (the paper's design), so start unpruned at the lowest rank; else on the cheapest arm.
         unpruned = np.flatnonzero(self._arm_ratios == np.array(space.ratios)[0])
@@ -179,18 +180,19 @@ class SafeExploration:
         stay, so no device pays pruning for a rank it then does not play."""
         fits = pred <= deadline * (1 + 1e-9)
         fits[np.arange(pred.shape[0]), pred.argmin(axis=1)] |= ~fits.any(axis=1)
-        ratios = self._arm_ratios[None, :]
-        least = np.where(fits, ratios, np.inf).min(axis=1)
-        at_least = fits & np.isclose(ratios, least[:, None])
+        # ratios by grid index (exact comparisons)
+        ri = self._ratio_index[None, :]
+        least = np.where(fits, ri, len(self.space.ratios)).min(axis=1)
+        at_least = fits & (ri == least[:, None])
         margin = np.log1p(VALUE_MARGIN) if self.ratio_rule == "value" else 0.0
         log_worth = np.log(np.maximum(worth, 1e-12)) if self.ratio_rule == "capacity" else worth
         base = np.where(at_least, log_worth[None, :], -np.inf).max(axis=1)
         # ties: the least pruning, which is never undone
-        score = np.where(fits, log_worth[None, :] - 1e-9 * ratios, -np.inf)
+        score = np.where(fits, log_worth[None, :] - 1e-9 * self._arm_ratios[None, :], -np.inf)
         best = score.argmax(axis=1)
         raise_it = score[np.arange(pred.shape[0]), best] > base + margin
-        chosen = np.where(raise_it, self._arm_ratios[best], least)
-        ok = fits & np.isclose(ratios, chosen[:, None])
+        chosen = np.where(raise_it, self._ratio_index[best], least)
+        ok = fits & (ri == chosen[:, None])
         if self.ratio_rule == "value":
             ok &= ~raise_it[:, None] | (log_worth[None, :] > base[:, None] + margin)
         return fits, ok
@@ -207,7 +209,7 @@ class SafeExploration:
         rank is worth the same, so each device takes the least pruning that meets the deadline."""
         effect, pulls = fleet.arm_values()
         n_p, n_r = len(self.space.ratios), len(self.space.ranks)
-        ri = np.array([self.space.ratios.index(x) for x in self._arm_ratios])
+        ri = self._ratio_index
         known = ~np.isnan(effect) & (pulls > 0)
         prior = PRUNE_VALUE_EXPONENT * np.log(1.0 - np.array(self.space.ratios))
         if not known.any():

@@ -182,6 +182,9 @@ def environment() -> dict[str, str]:
         except Exception:  # noqa: BLE001 - a missing optional package is just not listed
             pass
     env["cpus"] = str(os.cpu_count())
+    from fedspine.fl.placement import cpu_has_bf16
+
+    env["cpu bf16"] = "yes" if cpu_has_bf16() else "no (train.precision auto = fp32)"
     env["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU only"
     return env
 
@@ -243,6 +246,7 @@ def write_results(
             + ".",
             "",
         ]
+    md += _precision_note(results)
     for g, table in tables.items():
         if g:
             md += [f"## {g}", ""]
@@ -276,6 +280,18 @@ def write_results(
         )
     )
     return path
+
+
+def _precision_note(results: Sequence[CellResult]) -> list[str]:
+    """A warning when the runs did not all compute in one precision (``train.precision: auto``
+    resolves per machine; runs from before the summary recorded it count as unrecorded)."""
+    by: dict[str, list[str]] = {}
+    for r in results:
+        by.setdefault(r.summary.get("precision", "not recorded"), []).append(_cell_name(r.cell))
+    if len(by) <= 1:
+        return []
+    parts = "; ".join(f"{p}: {', '.join(names)}" for p, names in sorted(by.items()))
+    return [f"**Mixed precision:** these runs did not all compute in one precision ({parts}).", ""]
 
 
 def _cell_name(cell: Cell) -> str:

@@ -365,6 +365,19 @@ def _merged(model: nn.Module) -> nn.Module:
     return model.merge_and_unload() if isinstance(model, PeftModel) else model
 
 
+def _compute(runner: DeviceRunner, cfg: RunConfig) -> dict[str, str]:
+    """What ``train.precision`` / ``train.device`` resolved to on this machine ("auto" is bf16 on
+    one CPU and fp32 on another, so a record says which it got)."""
+    import torch
+
+    from fedspine.fl.placement import resolve_device, resolve_precision
+
+    batched = type(runner).__name__ == "BatchedRunner"
+    device = resolve_device(cfg.train.device) if batched else torch.device("cpu")
+    dtype = resolve_precision(cfg.train.precision, device)
+    return {"compute_device": device.type, "precision": "bf16" if dtype == torch.bfloat16 else "fp32"}
+
+
 def default_runner(cfg: RunConfig, world: World) -> DeviceRunner:
     """The in-process runner ``train.runner`` names ("auto": batched where it can be)."""
     if cfg.train.runner == "per-device":
@@ -448,6 +461,7 @@ def run(
             deployed_params_max=int(max(sizes)),
             original_params=int(full),
         )
+    out.summary.update(_compute(sim.runner, cfg))
     out.summary["wall_s"] = time.perf_counter() - start  # this process's part of the run
     if logger is not None:
         logger.finish(out.summary)

@@ -109,3 +109,26 @@ def test_wandb_offline_run_is_written_without_a_login(tmp_path, monkeypatch):
     result = run(cfg, logger)
     assert list((tmp_path / "wandb").glob("offline-run-*")), "no offline W&B run directory"
     assert result.summary["deployed_params_max"] <= result.summary["original_params"]
+
+
+def test_the_summary_records_what_precision_auto_resolved_to(monkeypatch):
+    import fedspine.fl.placement as placement
+
+    monkeypatch.setattr(placement, "cpu_has_bf16", lambda cpuinfo=None: False)  # a CPU without bf16
+    cfg = load_config(None, [*BASE, "train.rounds=1", "eval.devices=false"])
+    summary = run(cfg).summary
+    assert (summary["precision"], summary["compute_device"]) == ("fp32", "cpu")
+
+
+def test_a_table_of_runs_in_different_precisions_says_so():
+    from fedspine.experiments.report import _precision_note
+    from fedspine.experiments.runner import CellResult
+    from fedspine.experiments.spec import Cell
+
+    cfg = load_config(None, BASE)
+    cells = [Cell("", v, 0, cfg) for v in ("a", "b", "c")]
+    same = [CellResult(c, [], {"precision": "fp32"}) for c in cells]
+    assert _precision_note(same) == []
+    mixed = [*same[:2], CellResult(cells[2], [], {})]
+    note = _precision_note(mixed)[0]
+    assert "fp32: a seed 0, b seed 0" in note and "not recorded: c seed 0" in note
