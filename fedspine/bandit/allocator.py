@@ -94,8 +94,10 @@ class Allocator:
     * ``"deadline"`` (default): time to accuracy. A round lasts as long as its slowest device,
       so each round gets one deadline, the shortest every device is predicted to meet (the
       slowest device's fastest arm, times ``1 + deadline_slack``), learnt from the fleet time
-      model (:mod:`fedspine.bandit.fleet`). Each device gets the pruning ratio of the largest
-      arm predicted to finish by it, so a fast device's spare time becomes capacity and only the
+      model (:mod:`fedspine.bandit.fleet`). Each device takes the least pruning predicted to
+      finish by it, and more only for a rank whose learnt worth pays for it (``ratio_rule``
+      ``"value"``; ``"capacity"``: the ratio of the largest arm by capacity that fits, as the
+      planner chooses), so a fast device's spare time becomes capacity and only the
       pace-setters prune hard; the policy (default ``pooled-ucb``, which pools what each arm
       buys over the fleet) chooses the rank. The reward's time term is relative to the
       deadline: finishing within it costs nothing. :meth:`deadline_arms` gives the details

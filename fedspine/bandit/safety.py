@@ -8,6 +8,8 @@ policy chooses among them:
 * objective ``"deadline"``: one deadline per round and, per device, the arms predicted to meet
   it (:meth:`SafeExploration.deadline_arms`), with every device's pruning so far as a floor
   (monotone pruning) and a margin on pooled predictions for arms a device has not run itself;
+  each device's ratio is the least pruning that meets it unless a rank's learnt worth pays
+  for more (``ratio_rule``);
 * objective ``"paper"``: an optional cap on exploration at the round's predicted makespan
   (``safe_slack``, :meth:`SafeExploration.safe_arms`).
 
@@ -124,11 +126,13 @@ class SafeExploration:
           neighbour one grid step cheaper; a lower rank costs at most what the higher one did.
         * The deadline is the slowest device's fastest arm (among the arms its pruning so far
           allows), times ``1 + deadline_slack``.
-        * Each device gets the pruning ratio of the largest arm (by capacity,
-          ``fedspine.bandit.planner``) predicted to meet the deadline, as the planner would
-          choose, and the policy chooses among the ranks at that ratio that meet it. Pruning is
-          never undone, so the ratio is not explored. A device that meets the deadline on no
-          arm plays its fastest.
+        * Each device gets one ratio (:meth:`_fit_deadline`): the least pruning predicted to
+          meet the deadline, or with ``ratio_rule="value"`` a larger one where a rank's learnt
+          worth (:meth:`arm_worth`) pays for it by ``VALUE_MARGIN``; with ``"capacity"`` the
+          ratio of the largest arm by capacity (``fedspine.bandit.planner``) that meets it, as
+          the planner would choose. The policy chooses among the ranks at that ratio that meet
+          it. Pruning is never undone, so the ratio is not explored. A device that meets the
+          deadline on no arm plays its fastest.
         * With ``RewardConfig.target_ratio``, the fleet's mean ratio is held at the target: a
           longer deadline if the devices would prune more, a common pruning floor if less.
         """
