@@ -284,14 +284,27 @@ def write_results(
 
 def _precision_note(results: Sequence[CellResult]) -> list[str]:
     """A warning when the runs did not all compute in one precision (``train.precision: auto``
-    resolves per machine; runs from before the summary recorded it count as unrecorded)."""
+    resolves per machine). Runs from before the summary recorded it are listed apart: unknown is
+    not the same as different."""
     by: dict[str, list[str]] = {}
+    unrecorded: list[str] = []
     for r in results:
-        by.setdefault(r.summary.get("precision", "not recorded"), []).append(_cell_name(r.cell))
-    if len(by) <= 1:
-        return []
-    parts = "; ".join(f"{p}: {', '.join(names)}" for p, names in sorted(by.items()))
-    return [f"**Mixed precision:** these runs did not all compute in one precision ({parts}).", ""]
+        name = _cell_name(r.cell)
+        if "precision" in r.summary:
+            by.setdefault(r.summary["precision"], []).append(name)
+        else:
+            unrecorded.append(name)
+    note = []
+    if len(by) > 1:
+        parts = "; ".join(f"{p}: {', '.join(names)}" for p, names in sorted(by.items()))
+        note.append(f"**Mixed precision:** these runs did not all compute in one precision ({parts}).")
+    if unrecorded and by:
+        known = " / ".join(sorted(by))
+        note.append(
+            f"**Precision not recorded** for {', '.join(unrecorded)} (finished before runs recorded it); "
+            f"the others computed in {known}."
+        )
+    return [*note, ""] if note else []
 
 
 def _cell_name(cell: Cell) -> str:

@@ -129,6 +129,10 @@ def test_a_table_of_runs_in_different_precisions_says_so():
     cells = [Cell("", v, 0, cfg) for v in ("a", "b", "c")]
     same = [CellResult(c, [], {"precision": "fp32"}) for c in cells]
     assert _precision_note(same) == []
-    mixed = [*same[:2], CellResult(cells[2], [], {})]
+    mixed = [*same[:2], CellResult(cells[2], [], {"precision": "bf16"})]
     note = _precision_note(mixed)[0]
-    assert "fp32: a seed 0, b seed 0" in note and "not recorded: c seed 0" in note
+    assert note.startswith("**Mixed precision:**")
+    assert "bf16: c seed 0" in note and "fp32: a seed 0, b seed 0" in note
+    unknown = [*same[:2], CellResult(cells[2], [], {})]
+    (note,) = _precision_note(unknown)[:-1]
+    assert "Mixed" not in note and "not recorded** for c seed 0" in note and "in fp32" in note
