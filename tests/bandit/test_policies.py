@@ -157,3 +157,39 @@ def test_sucb_zooms_into_the_best_region():
     top = max(leaves, key=lambda c: c["n"])
     assert top["ratios"][0] <= 0.6 <= top["ratios"][1] and top["ranks"][0] <= 8 <= top["ranks"][1]
     assert (SPACE.ratios.index(top["ratios"][1]) - SPACE.ratios.index(top["ratios"][0]) + 1) <= 2
+
+
+@pytest.mark.parametrize("center", [False, True])
+def test_pooled_centring_keeps_a_round_effect_out_of_the_arm_contrast(center):
+    """Round 1: every lane plays arm 0; round 2: half switch to arm 1, and every reward halves
+    (the phase of training, shared by all arms). Both arms bought the same, so a round-centred
+    fit must find no contrast; an uncentred one blames arm 1 for the round."""
+    space = ArmSpace.grid([0.0], [4, 8])
+    pol = make_policy("pooled-ucb", space, center=center)
+    pol.add_lanes(8)
+    lanes = np.arange(8)
+    pol.update(lanes, np.zeros(8, dtype=int), np.full(8, 0.6))
+    arms2 = np.array([0, 1] * 4)
+    pol.update(lanes, arms2, np.full(8, 0.3))
+    _, effect, _ = pol._fit()
+    gap = effect[0] - effect[1]
+    if center:
+        assert abs(gap) < 0.05
+    else:
+        assert gap > 0.2  # what the centring removes: arm 1 looks ~half as good
+
+
+def test_pooled_centring_leaves_failures_penalised_and_lone_updates_alone():
+    space = ArmSpace.grid([0.0], [4, 8])
+    pol = make_policy("pooled-ucb", space, center=True)
+    pol.add_lanes(3)
+    pol.update([0, 1, 2], [0, 0, 1], [0.5, 0.5, 0.0])  # lane 2 failed on arm 1
+    logs = pol._state["log_sum"]
+    assert logs[0, 0] == pytest.approx(0.0) and logs[1, 0] == pytest.approx(0.0)  # the round's mean
+    assert logs[2, 1] == pytest.approx(np.log(1e-3) - np.log(0.5))  # the failure stays a failure
+    one = make_policy("pooled-ucb", space, center=True)
+    one.add_lanes(1)
+    one.update([0], [0], [0.5])
+    assert one._state["log_sum"][0, 0] == pytest.approx(np.log(0.5))
+    with pytest.raises(ValueError, match="center must be True or False, got 1"):
+        make_policy("pooled-ucb", space, center=1)

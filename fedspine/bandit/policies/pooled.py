@@ -29,20 +29,40 @@ class PooledUCB(Policy):
     (``fedspine.bandit.planner``), then to a random one. The device effect :math:`u_i` separates a
     device's difficulty from the arm's value, so a slow device that only ever plays cheap arms
     does not make cheap arms look good.
+
+    ``center`` (ours, off by default): a round's rewards share the phase of training (early
+    rounds barely move the loss on any arm), so arms first tried in different rounds differ by
+    more than what they buy. With ``center=True`` the log rewards of one update that holds at
+    least two lanes (:meth:`Allocator.observe_round <fedspine.bandit.Allocator.observe_round>`
+    reports a round at once) are taken relative to the mean over its lanes whose reward is above
+    ``floor`` (failures are left out of the mean and stay penalised), so only contrasts within a
+    round teach the arm effects; an update of one lane is not centred. The estimates are then
+    relative, not mean rewards.
     """
 
     name = "pooled-ucb"
 
-    def __init__(self, space: ArmSpace, *, c: float = 0.1, decay: float = 0.9, floor: float = 1e-3):
+    def __init__(
+        self,
+        space: ArmSpace,
+        *,
+        c: float = 0.1,
+        decay: float = 0.9,
+        floor: float = 1e-3,
+        center: bool = False,
+    ):
+        if not isinstance(center, bool):
+            raise ValueError(f"center must be True or False, got {center!r}")
         check_param("c", c, low=0.0)
         check_param("decay", decay, low=0.0, high=1.0, low_open=True)
         check_param("floor", floor, low=0.0, high=1.0, low_open=True)
         self.c, self.decay, self.floor = float(c), float(decay), float(floor)
+        self.center = center
         self._capacity = capacity(space)
         super().__init__(space)
 
     def params(self) -> dict[str, Any]:
-        return {"c": self.c, "decay": self.decay, "floor": self.floor}
+        return {"c": self.c, "decay": self.decay, "floor": self.floor, "center": self.center}
 
     def _fresh_state(self, n: int) -> dict[str, np.ndarray]:
         return {"log_sum": np.zeros((n, self.n_arms)), "weight": np.zeros((n, self.n_arms))}
@@ -67,7 +87,12 @@ class PooledUCB(Policy):
         s = self._state
         s["log_sum"][lanes] *= self.decay
         s["weight"][lanes] *= self.decay
-        s["log_sum"][lanes, arms] += np.log(np.maximum(rewards, self.floor))
+        logs = np.log(np.maximum(rewards, self.floor))
+        if self.center:
+            done = rewards > self.floor
+            if np.count_nonzero(done) >= 2:
+                logs = logs - logs[done].mean()
+        s["log_sum"][lanes, arms] += logs
         s["weight"][lanes, arms] += 1.0
 
     def _estimates(self, lanes: np.ndarray) -> np.ndarray:
