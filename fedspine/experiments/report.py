@@ -172,6 +172,52 @@ def format_table(table: Sequence[Row], *, target: float | None) -> str:
     return "\n".join(lines)
 
 
+def arms_per_tier(results: Sequence[CellResult], strategy: str = "fedspine") -> str | None:
+    """Mean pruning ratio / LoRA rank per device tier after warm-up, one row per run of a
+    ``strategy`` variant (the arms it chose), and whether the ratios fall from the slowest tier to
+    the fastest. Warm-up is the first third of the rounds (ours: the allocator has seen every
+    device's times by then). Tiers are ordered slowest first by their mean round time in the first
+    round, where every device runs the allocator's start arm; None when no such run has per-round
+    arms."""
+    lines = []
+    for r in results:
+        if r.cell.cfg.strategy.name != strategy:
+            continue
+        rounds = [x for x in r.records if x.get("arms") and x.get("tiers")]
+        after = rounds[len(rounds) // 3 :]
+        if not after:
+            continue
+        ratio: dict[str, list[float]] = {}
+        rank: dict[str, list[float]] = {}
+        for rec in after:
+            for device, (p, k) in rec["arms"].items():
+                tier = rec["tiers"][device]
+                ratio.setdefault(tier, []).append(p)
+                rank.setdefault(tier, []).append(k)
+        first = rounds[0]
+        slow: dict[str, list[float]] = {}
+        for device, t in first.get("round_time_s", {}).items():
+            slow.setdefault(first["tiers"][device], []).append(t)
+        tiers = sorted(ratio, key=lambda t: -float(np.mean(slow.get(t, [0.0]))))
+        means = [float(np.mean(ratio[t])) for t in tiers]
+        ordered = all(a >= b for a, b in zip(means[:-1], means[1:], strict=True)) and means[0] > means[-1]
+        if not lines:
+            lines = [
+                f"Arms per tier after warm-up (rounds {len(rounds) - len(after) + 1}-{len(rounds)}; "
+                "mean ratio / mean rank; *ordered*: the slowest tier prunes most and the fastest least):",
+                "",
+                "| variant | seed | " + " | ".join(tiers) + " | ordered |",
+                "|" + "---|" * (len(tiers) + 3),
+            ]
+        cells = [f"{m:.2f} / {np.mean(rank[t]):.1f}" for t, m in zip(tiers, means, strict=True)]
+        lines.append(
+            f"| {r.cell.variant} | {r.cell.seed} | "
+            + " | ".join(cells)
+            + f" | {'yes' if ordered else 'no'} |"
+        )
+    return "\n".join(lines) if lines else None
+
+
 def environment() -> dict[str, str]:
     import torch
 
@@ -255,6 +301,9 @@ def write_results(
             md += [f"![{kind}]({path.relative_to(out).as_posix()})", ""]
     for kind, path in figs.get("*", {}).items():
         md += [f"![{kind}]({path.relative_to(out).as_posix()})", ""]
+    tiers = arms_per_tier(results)
+    if tiers:
+        md += [tiers, ""]
     path = out / "results.md"
     path.write_text("\n".join(md))
     (out / "results.json").write_text(

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from fedspine.experiments import Cell, CellResult, load_experiment, plan, rows, run_cells, speedup
-from fedspine.experiments.report import bootstrap_interval
+from fedspine.experiments.report import arms_per_tier, bootstrap_interval
 
 ROOT = Path(__file__).resolve().parents[2]
 SPECS = sorted(
@@ -119,6 +119,40 @@ def test_speedup_is_per_seed_with_a_bootstrap_interval_and_marks_lower_bounds():
     assert speedup([_result("b", 0, 5.0), _result("b", 1, 40.0)], ref_missing) == "2.00x (1 of 2 seeds)"
     table = rows([*ref.values(), _result("b", 0, 30.0), _result("b", 1, 20.0)], "fedspine")[""]
     assert [r.variant for r in table] == ["fedspine", "b"] and table[1].speedup.startswith("2.00x")
+
+
+def test_arms_per_tier_orders_tiers_by_speed_and_checks_the_pruning_order():
+    from types import SimpleNamespace
+
+    def run(variant, strategy, arms_by_round):
+        tiers = {"a": "fast", "b": "slow", "c": "mid"}
+        records = [
+            {
+                "round": 1,
+                "arms": {d: [0.0, 4] for d in tiers},
+                "tiers": tiers,
+                "round_time_s": {"a": 1.0, "b": 3.0, "c": 2.0},
+            },
+            *({"round": k + 2, "arms": arms, "tiers": tiers} for k, arms in enumerate(arms_by_round)),
+        ]
+        cfg = SimpleNamespace(strategy=SimpleNamespace(name=strategy))
+        return CellResult(Cell("", variant, 0, cfg), records, {})
+
+    good = {"a": [0.0, 8], "b": [0.5, 4], "c": [0.2, 4]}
+    flipped = {"a": [0.5, 4], "b": [0.0, 8], "c": [0.2, 4]}
+    text = arms_per_tier(
+        [
+            run("fedspine", "fedspine", [good] * 5),
+            run("x", "fedspine", [flipped] * 5),
+            run("f", "fixed-prune", [good]),
+        ]
+    )
+    lines = text.splitlines()
+    assert "rounds 3-6" in lines[0]  # 6 rounds, the first third is warm-up
+    assert lines[2] == "| variant | seed | slow | mid | fast | ordered |"
+    assert lines[4] == "| fedspine | 0 | 0.50 / 4.0 | 0.20 / 4.0 | 0.00 / 8.0 | yes |"
+    assert lines[5].endswith("| no |") and len(lines) == 6  # the fixed-prune run is not listed
+    assert arms_per_tier([run("f", "fixed-prune", [good])]) is None
 
 
 def test_bootstrap_interval_covers_the_mean_and_stays_within_the_seeds():
