@@ -40,6 +40,7 @@ FLEETS = {
 ALLOCATORS = {
     "fedspine (deadline, pooled-ucb)": {},
     "deadline, pooled-ucb centred per round": {"policy_params": {"center": True}},
+    "deadline, value rule shrunk by 10 pulls": {"value_shrink": 10.0},
     "deadline, random in the same safe set": {"policy": "random"},
     "deadline, capacity ratio rule": {"ratio_rule": "capacity"},
     "deadline, per-device s-ucb in the safe set": {"policy": "s-ucb"},
@@ -105,7 +106,7 @@ def main() -> None:
     print("| allocator | rounds until they are on arms no heavier than the planner's, per seed |")
     print("|---|---|")
     adapting = ("fedspine (deadline, pooled-ucb)", "deadline, pooled-ucb centred per round")
-    adapting += ("deadline, random in the same safe set",)
+    adapting += ("deadline, value rule shrunk by 10 pulls", "deadline, random in the same safe set")
     for aname in adapting:
         kw = ALLOCATORS[aname]
         got = []

@@ -44,7 +44,10 @@ _CONFIG_KEYS = (
     "monotone_pruning",
     "prune_elasticity",
     "ratio_rule",
+    "value_shrink",
 )
+# Config keys added after state version 3 was written, with the value older states imply.
+_CONFIG_ADDED = {"value_shrink": 0.0}
 DEFAULT_POLICY = {"deadline": "pooled-ucb", "paper": "s-ucb"}
 
 
@@ -118,6 +121,10 @@ class Allocator:
     history; an assignment never observed by the next :meth:`assign` counts as a failure
     (reward 0). Rejected calls raise ``ValueError`` naming the argument and change nothing.
 
+    ``value_shrink`` (objective ``"deadline"`` with ``ratio_rule="value"``; ours, 0 = off): shrink
+    each rank's learnt worth towards the played ranks' mean by that many pseudo-observations
+    before pruning is taken for it (:meth:`SafeExploration.arm_worth`).
+
     ``safe_slack`` (objective ``"paper"``; ours, not in the paper) turns on safe exploration: the
     fleet time model keeps every device's exploration under the round's predicted makespan at
     the reward-optimal arms, times ``1 + safe_slack``. ``None`` leaves pure per-device bandits.
@@ -145,6 +152,7 @@ class Allocator:
         monotone_pruning: bool = True,
         prune_elasticity: float = 0.8,
         ratio_rule: str = "value",
+        value_shrink: float = 0.0,
     ):
         if not isinstance(space, ArmSpace):
             raise ValueError(f"space must be an ArmSpace, got {type(space).__name__}")
@@ -166,6 +174,7 @@ class Allocator:
             _check_number(change_factor, "change_factor", lo=1.0, lo_open=True)
         _check_bool(monotone_pruning, "monotone_pruning")
         _check_number(prune_elasticity, "prune_elasticity", lo=0.0)
+        _check_number(value_shrink, "value_shrink", lo=0.0)
         if ratio_rule not in RATIO_RULES:
             raise ValueError(f"ratio_rule must be one of {list(RATIO_RULES)}, got {ratio_rule!r}")
         self.space = space
@@ -202,6 +211,7 @@ class Allocator:
             target_ratio=self.reward.target_ratio,
             time_alpha=self.reward.time_alpha,
             ratio_rule=ratio_rule,
+            value_shrink=float(value_shrink),
         )
 
     # The safety settings live in ``safety``; read here for the state's config keys.
@@ -211,6 +221,7 @@ class Allocator:
     monotone_pruning = property(lambda self: self.safety.monotone_pruning)
     prune_elasticity = property(lambda self: self.safety.prune_elasticity)
     ratio_rule = property(lambda self: self.safety.ratio_rule)
+    value_shrink = property(lambda self: self.safety.value_shrink)
 
     # --- choosing ------------------------------------------------------------------------------
     def assign(self, device_ids: Iterable[DeviceId], round: int) -> dict[DeviceId, Arm]:
@@ -434,6 +445,7 @@ class Allocator:
             "monotone_pruning": self.monotone_pruning,
             "prune_elasticity": self.prune_elasticity,
             "ratio_rule": self.ratio_rule,
+            "value_shrink": self.value_shrink,
             **self.safety.state_dict(),  # deadline, floor
             "rng": self.rng.bit_generator.state,
             "fleet": self.fleet.state_dict(),
@@ -454,8 +466,9 @@ class Allocator:
         if state["policy"]["policy"] != self.policy.name:
             raise ValueError(f"state is for policy {state['policy']['policy']!r}, not {self.policy.name!r}")
         for name in _CONFIG_KEYS:
-            if state[name] != getattr(self, name):
-                raise ValueError(f"state {name} {state[name]!r} differs from {getattr(self, name)!r}")
+            saved = state[name] if name in state or name not in _CONFIG_ADDED else _CONFIG_ADDED[name]
+            if saved != getattr(self, name):
+                raise ValueError(f"state {name} {saved!r} differs from {getattr(self, name)!r}")
         self.policy.load_state_dict(state["policy"])
         self.fleet.load_state_dict(state["fleet"])
         self.seed = int(state["seed"])
@@ -479,7 +492,10 @@ class Allocator:
             policy_params=pol["params"],
             reward=RewardConfig(**state["reward"]),
             seed=int(state["seed"]),
-            **{k: state[k] for k in _CONFIG_KEYS},
+            **{
+                k: state.get(k, _CONFIG_ADDED.get(k)) if k in _CONFIG_ADDED else state[k]
+                for k in _CONFIG_KEYS
+            },
         )
         alloc.load_state_dict(state)
         return alloc

@@ -67,10 +67,12 @@ class SafeExploration:
         target_ratio: float,
         time_alpha: float,
         ratio_rule: str = "value",
+        value_shrink: float = 0.0,
     ):
         if ratio_rule not in RATIO_RULES:
             raise ValueError(f"ratio_rule must be one of {list(RATIO_RULES)}, got {ratio_rule!r}")
         self.ratio_rule = ratio_rule
+        self.value_shrink = value_shrink
         self.space = space
         self.objective = objective
         self.safe_slack = safe_slack
@@ -210,7 +212,13 @@ class SafeExploration:
         smaller model); a ratio nobody played is valued that way from the nearest played one.
         A rank nobody played is worth what its nearest played rank is: no gain is assumed
         before one is seen, since pruning for it is never undone. With nothing played every
-        rank is worth the same, so each device takes the least pruning that meets the deadline."""
+        rank is worth the same, so each device takes the least pruning that meets the deadline.
+
+        ``value_shrink`` (ours; 0 = off) pulls each rank's effect towards the pull-weighted mean
+        of the played ranks as if it had that many more observations at the mean
+        ``h_r <- (n_r h_r + s h_mean) / (n_r + s)``, the usual empirical-Bayes
+        shrinkage, so a rank seen a few times cannot buy pruning, which is never undone, on the
+        strength of one lucky round."""
         effect, pulls = fleet.arm_values()
         n_p, n_r = len(self.space.ratios), len(self.space.ranks)
         ri = self._ratio_index
@@ -224,6 +232,10 @@ class SafeExploration:
         np.add.at(grid_w, (ri[known], self._rank_index[known]), pulls[known])
         g, h = fit_factors(grid_sum, grid_w, sweeps=8)
         g_seen, h_seen = np.flatnonzero(~np.isnan(g)), np.flatnonzero(~np.isnan(h))
+        if self.value_shrink > 0:
+            n_rank = grid_w.sum(axis=0)[h_seen]
+            mean = float(np.average(h[h_seen], weights=n_rank))
+            h[h_seen] = (n_rank * h[h_seen] + self.value_shrink * mean) / (n_rank + self.value_shrink)
         near_r = h_seen[np.abs(np.arange(n_r)[:, None] - h_seen[None, :]).argmin(axis=1)]  # ties: lower
         h = h[near_r]
         near_p = g_seen[np.abs(np.arange(n_p)[:, None] - g_seen[None, :]).argmin(axis=1)]

@@ -59,6 +59,7 @@ class FedSpineParams:
     explore_factor: float = 1.25  # objective "deadline": how far above the deadline to explore
     prune_elasticity: float = 0.8  # objective "deadline": guessed time ~ kept fraction ** this
     ratio_rule: str = "value"  # objective "deadline": prune for learnt worth ("value") or capacity
+    value_shrink: float = 0.0  # ratio rule "value": pseudo-observations shrinking rank worth; 0: off
     reward: RewardConfig = field(default_factory=RewardConfig)
 
     def __post_init__(self) -> None:
@@ -71,6 +72,7 @@ class FedSpineParams:
         require(self.deadline_slack >= 0, f"{PARAMS}deadline_slack", ">= 0", self.deadline_slack)
         require(self.explore_factor >= 1, f"{PARAMS}explore_factor", ">= 1", self.explore_factor)
         require(self.prune_elasticity >= 0, f"{PARAMS}prune_elasticity", ">= 0", self.prune_elasticity)
+        require(self.value_shrink >= 0, f"{PARAMS}value_shrink", ">= 0", self.value_shrink)
         rule = self.ratio_rule
         require(rule in RATIO_RULES, f"{PARAMS}ratio_rule", f"one of {list(RATIO_RULES)}", rule)
 
@@ -211,6 +213,7 @@ class FedSpine(ArmAssigner):
             explore_factor=p.explore_factor,
             prune_elasticity=p.prune_elasticity,
             ratio_rule=p.ratio_rule,
+            value_shrink=p.value_shrink,
             monotone_pruning=True,  # a simulated device never regrows what it pruned
         )
 

@@ -184,3 +184,15 @@ def test_when_rank_buys_nothing_devices_prune_only_what_the_deadline_needs():
     value, by_capacity = pruning("value"), pruning("capacity")
     assert value <= need.mean() + 0.03, (value, need.mean())
     assert by_capacity >= value + 0.05, (by_capacity, value)
+
+
+def test_value_shrink_is_validated_and_kept_in_the_state():
+    with pytest.raises(ValueError, match="value_shrink must be a finite number >= 0.0, got -1"):
+        Allocator(SPACE, value_shrink=-1)
+    alloc = Allocator(SPACE, seed=0, value_shrink=10.0)
+    state = json.loads(json.dumps(alloc.state_dict()))
+    assert Allocator.from_state_dict(state).value_shrink == 10.0
+    with pytest.raises(ValueError, match="state value_shrink 10.0 differs from 0.0"):
+        Allocator(SPACE, seed=0).load_state_dict(state)
+    del state["value_shrink"]  # a checkpoint written before the setting existed
+    assert Allocator.from_state_dict(state).value_shrink == 0.0

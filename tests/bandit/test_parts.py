@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from fedspine.bandit import Allocator, ArmSpace, RewardConfig
+from fedspine.bandit import Allocator, Arm, ArmSpace, RewardConfig
 from fedspine.bandit.fleet import FleetModel
 from fedspine.bandit.planner import capacity
 from fedspine.bandit.safety import SafeExploration
@@ -16,13 +16,14 @@ SPACE = ArmSpace.grid([0.0, 0.25, 0.5], [4, 8])
 STATE_KEYS = [
     "version", "space", "reward", "seed", "safe_slack", "objective", "deadline_slack",
     "explore_factor", "change_factor", "monotone_pruning", "prune_elasticity", "ratio_rule",
+    "value_shrink",  # added within version 3: a state without it loads as 0 (off)
     "deadline", "floor",
     "rng", "fleet", "policy", "lanes", "pending", "round", "gain_ref", "norm_ref", "time_ref_ema",
     "times_round", "times",
 ]  # fmt: skip
 
 
-def _safety(**kw):
+def _safety(space=SPACE, **kw):
     settings = dict(
         objective="deadline",
         safe_slack=None,
@@ -33,7 +34,7 @@ def _safety(**kw):
         target_ratio=0.0,
         time_alpha=1.0,
     )
-    return SafeExploration(SPACE, **{**settings, **kw})
+    return SafeExploration(space, **{**settings, **kw})
 
 
 @pytest.mark.parametrize("objective", ["deadline", "paper"])
@@ -91,3 +92,27 @@ def test_safe_exploration_starts_newcomers_unpruned_and_floors_only_monotone_pru
     loose.add_lanes(1)
     loose.observe(np.array([0]), np.array([0.5]))
     assert loose.floor.tolist() == [0.0] and loose.start_arm == int(np.argmin(capacity(SPACE)))  # cheapest
+
+
+@pytest.mark.parametrize("shrink", [0.0, 10.0])
+def test_value_shrink_keeps_one_lucky_round_from_buying_pruning(shrink):
+    """Four devices play (0.0, 4) for five rounds at quality 0.4; one of them tries rank 8 once
+    and is lucky (quality 1.0). Unshrunk, rank 8 is worth 2.5x rank 4, enough to prune half
+    the model for it; shrunk by 10 pseudo-observations, the one round moves it little."""
+    space = ArmSpace.grid([0.0, 0.5], [4, 8])
+    idx = space.arm_index_map
+    fleet = FleetModel(len(space))
+    fleet.add_lanes(4)
+    lanes = np.arange(4)
+    for _ in range(5):
+        fleet.observe(lanes, np.full(4, idx[Arm(0.0, 4)]), np.ones(4), np.full(4, 0.4))
+    fleet.observe(np.array([0]), np.array([idx[Arm(0.0, 8)]]), np.ones(1), np.ones(1))
+    safety = _safety(space=space, value_shrink=shrink)
+    worth = safety.arm_worth(fleet)
+    gap = worth[idx[Arm(0.0, 8)]] - worth[idx[Arm(0.0, 4)]]
+    if shrink == 0:
+        assert gap == pytest.approx(np.log(2.5), abs=0.05)
+        assert worth[idx[Arm(0.5, 8)]] > worth[idx[Arm(0.0, 4)]]  # halving the model "pays"
+    else:
+        assert 0 < gap < 0.15  # ~0.11: one pull against ten at the mean
+        assert worth[idx[Arm(0.5, 8)]] < worth[idx[Arm(0.0, 4)]]
