@@ -48,6 +48,12 @@ _CONFIG_KEYS = (
 )
 # Config keys added after state version 3 was written, with the value older states imply.
 _CONFIG_ADDED = {"value_shrink": 0.0}
+
+
+def _saved_config(state: Mapping[str, Any], name: str) -> Any:
+    return state.get(name, _CONFIG_ADDED[name]) if name in _CONFIG_ADDED else state[name]
+
+
 DEFAULT_POLICY = {"deadline": "pooled-ucb", "paper": "s-ucb"}
 
 
@@ -466,7 +472,7 @@ class Allocator:
         if state["policy"]["policy"] != self.policy.name:
             raise ValueError(f"state is for policy {state['policy']['policy']!r}, not {self.policy.name!r}")
         for name in _CONFIG_KEYS:
-            saved = state[name] if name in state or name not in _CONFIG_ADDED else _CONFIG_ADDED[name]
+            saved = _saved_config(state, name)
             if saved != getattr(self, name):
                 raise ValueError(f"state {name} {saved!r} differs from {getattr(self, name)!r}")
         self.policy.load_state_dict(state["policy"])
@@ -492,10 +498,7 @@ class Allocator:
             policy_params=pol["params"],
             reward=RewardConfig(**state["reward"]),
             seed=int(state["seed"]),
-            **{
-                k: state.get(k, _CONFIG_ADDED.get(k)) if k in _CONFIG_ADDED else state[k]
-                for k in _CONFIG_KEYS
-            },
+            **{k: _saved_config(state, k) for k in _CONFIG_KEYS},
         )
         alloc.load_state_dict(state)
         return alloc
