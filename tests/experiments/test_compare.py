@@ -95,8 +95,10 @@ def test_cells_of_one_seed_differ_only_in_the_variant(tmp_path):
     assert {c.cfg.data.alpha for c in cells if c.group == "b"} == {1.0}
 
 
-def _result(variant, seed, tta, clock=100.0):
-    cfg = None
+def _result(variant, seed, tta, clock=100.0, records=()):
+    from types import SimpleNamespace
+
+    cfg = SimpleNamespace(eval=SimpleNamespace(target_accuracy=0.7))
     summary = {
         "time_to_target_s": tta,
         "clock_s": clock,
@@ -107,7 +109,7 @@ def _result(variant, seed, tta, clock=100.0):
         "mean_waiting_s": 1.0,
         "final_mean_sparsity": 0.0,
     }
-    return CellResult(Cell("", variant, seed, cfg), [], summary)
+    return CellResult(Cell("", variant, seed, cfg), list(records), summary)
 
 
 def test_speedup_is_per_seed_with_a_bootstrap_interval_and_marks_lower_bounds():
@@ -119,6 +121,21 @@ def test_speedup_is_per_seed_with_a_bootstrap_interval_and_marks_lower_bounds():
     assert speedup([_result("b", 0, 5.0), _result("b", 1, 40.0)], ref_missing) == "2.00x (1 of 2 seeds)"
     table = rows([*ref.values(), _result("b", 0, 30.0), _result("b", 1, 20.0)], "fedspine")[""]
     assert [r.variant for r in table] == ["fedspine", "b"] and table[1].speedup.startswith("2.00x")
+
+
+def test_the_sustained_speedup_waits_for_a_mean_of_evaluations_at_the_target():
+    def curve(accs):
+        return [{"clock_s": 10.0 * (k + 1), "accuracy": a} for k, a in enumerate(accs)]
+
+    # the reference touches 0.70 in round 1, drops, and its mean of 3 reaches 0.707 in round 4 (40 s)
+    ref = _result("fedspine", 0, 10.0, records=curve([0.70, 0.62, 0.68, 0.82, 0.78, 0.78]))
+    # the baseline crosses in round 3 and stays: its mean of 3 reaches 0.71 in round 5 (50 s)
+    base = _result("b", 0, 30.0, records=curve([0.55, 0.62, 0.70, 0.71, 0.72, 0.72]))
+    table = rows([ref, base], "fedspine")[""]
+    assert table[1].speedup == "3.00x" and table[1].sustained_speedup == "1.25x"
+    assert (table[0].sustained_time_s, table[1].sustained_time_s) == (40.0, 50.0)
+    never = _result("c", 0, None, clock=60.0, records=curve([0.5] * 6))
+    assert rows([ref, never], "fedspine")[""][1].sustained_speedup == ">1.50x"  # its whole 60 s
 
 
 def test_arms_per_tier_orders_tiers_by_speed_and_checks_the_pruning_order():

@@ -136,3 +136,20 @@ def test_a_table_of_runs_in_different_precisions_says_so():
     unknown = [*same[:2], CellResult(cells[2], [], {})]
     (note,) = _precision_note(unknown)[:-1]
     assert "Mixed" not in note and "not recorded** for c seed 0" in note and "in fp32" in note
+
+
+def test_time_to_target_first_crossing_and_sustained_skip_rounds_without_an_evaluation():
+    from fedspine.fl.simulator import time_to_target
+
+    records = [
+        {"clock_s": 1.0, "accuracy": 0.71},
+        {"clock_s": 2.0},  # not evaluated this round
+        {"clock_s": 3.0, "accuracy": 0.60},
+        {"clock_s": 4.0, "accuracy": 0.80},
+        {"clock_s": 5.0, "accuracy": 0.69},
+    ]
+    assert time_to_target(records, 0.70) == 1.0
+    assert time_to_target(records, 0.70, window=2) == 4.0  # (0.60 + 0.80) / 2
+    assert time_to_target(records, 0.70, window=3) == 4.0  # (0.71 + 0.60 + 0.80) / 3
+    assert time_to_target(records, 0.75, window=3) is None
+    assert time_to_target(records, None) is None
