@@ -136,7 +136,8 @@ class SafeExploration:
           it. Pruning is never undone, so the ratio is not explored. A device that meets the
           deadline on no arm plays its fastest.
         * With ``RewardConfig.target_ratio``, the fleet's mean ratio is held at the target: a
-          longer deadline if the devices would prune more, a common pruning floor if less.
+          longer deadline if the devices would prune more, more pruning on the slowest devices
+          first if less (:meth:`_hold_sparsity`).
         """
         n, n_arms = lanes.size, len(self.space)
         allowed = np.zeros((n, n_arms), dtype=bool)
@@ -171,8 +172,8 @@ class SafeExploration:
                 if self._arm_ratios[ok.argmax(axis=1)].mean() <= target + 1e-9:
                     break
             deadline *= float(factor)
-        elif target:
-            ok = self._sparsity_floor(fits, ok)
+        if target:
+            ok = self._hold_sparsity(fits, ok, fastest)
         allowed[known] = ok
         return allowed, deadline
 
@@ -272,20 +273,34 @@ class SafeExploration:
         out[take] = upper[take]
         return out
 
-    def _sparsity_floor(self, fits: np.ndarray, chosen: np.ndarray) -> np.ndarray:
-        """With a sparsity target: pin each device's ratio to ``max(floor, the ratio the deadline
-        gives it)`` with the lowest common floor whose fleet mean reaches ``target_ratio`` (ours).
-        The pace setters prune what the deadline needs, the others exactly the floor; the policy
-        picks the rank. ``chosen`` is the allowed set without a target."""
-        ratios = self._arm_ratios
-        need = np.where(chosen, ratios[None, :], np.inf).min(axis=1)
-        pinned = need
-        for floor in sorted(set(ratios.tolist())):
-            above = np.where(fits & (ratios[None, :] >= floor - 1e-12), ratios[None, :], np.inf).min(axis=1)
-            pinned = np.where(np.isfinite(above), np.maximum(above, need), need)
-            if pinned.mean() >= self.target_ratio - 1e-9:
+    def _hold_sparsity(self, fits: np.ndarray, chosen: np.ndarray, fastest: np.ndarray) -> np.ndarray:
+        """With a sparsity target: pin each device's ratio so that the fleet's mean ratio comes
+        as close to ``target_ratio`` as one grid step of one device allows (ours). Every device
+        starts at the ratio the deadline gives it (``chosen``, the allowed set without a target);
+        while the mean is below the target, devices prune one grid step more, the slowest
+        (``fastest``: each device's predicted time on its fastest arm) first, so the pace setters
+        prune most and the fastest devices keep their capacity. A mean above the target (what the
+        deadline needs after it was lengthened as far as it goes) is left as it is. The policy
+        picks the rank at the pinned ratio."""
+        ratios = np.asarray(self.space.ratios)
+        n = fits.shape[0]
+        ri = self._ratio_index[None, :]
+        level = np.where(chosen, ri, len(ratios)).min(axis=1)
+        top = np.where(fits, ri, -1).max(axis=1)  # pruning more only makes a device faster
+        order = np.argsort(-fastest, kind="stable")  # slowest first
+        for _ in range(len(ratios)):
+            gap = self.target_ratio - ratios[level].mean()
+            can = order[level[order] < top[order]]
+            if gap <= 1e-9 or can.size == 0:
                 break
-        return fits & np.isclose(ratios[None, :], pinned[:, None])
+            gain = np.cumsum(ratios[level[can] + 1] - ratios[level[can]]) / n
+            # the prefix of raises that lands nearest the target (raising none is index -1)
+            miss = np.abs(gap - np.concatenate([[0.0], gain]))
+            k = int(miss.argmin())
+            if k == 0:
+                break
+            level[can[:k]] += 1
+        return fits & (ri == level[:, None])
 
     def safe_arms(
         self, lanes: np.ndarray, fleet: FleetModel, time_ref_ema: float | None
