@@ -40,9 +40,10 @@ FLEETS = {
 ALLOCATORS = {
     "fedspine (deadline, pooled-ucb)": {},
     "deadline, pooled-ucb centred per round": {"policy_params": {"center": True}},
-    "deadline, value rule shrunk by 10 pulls": {"value_shrink": 10.0},
+    "deadline, value ratio rule": {"ratio_rule": "value"},
+    "deadline, value rule shrunk by 10 pulls": {"ratio_rule": "value", "value_shrink": 10.0},
+    "deadline, progress deadline rule": {"deadline_rule": "progress"},
     "deadline, random in the same safe set": {"policy": "random"},
-    "deadline, capacity ratio rule": {"ratio_rule": "capacity"},
     "deadline, per-device s-ucb in the safe set": {"policy": "s-ucb"},
     "paper (s-ucb, quantile reward, safe cap)": {"objective": "paper"},
     "paper, no cap (per-device s-ucb)": {"objective": "paper", "safe_slack": None},

@@ -16,7 +16,7 @@ from fedspine.bandit.arms import Arm, ArmSpace
 from fedspine.bandit.fleet import FleetModel
 from fedspine.bandit.policies import POLICIES, make_policy
 from fedspine.bandit.reward import RewardConfig
-from fedspine.bandit.safety import RATIO_RULES, SafeExploration
+from fedspine.bandit.safety import DEADLINE_RULES, RATIO_RULES, SafeExploration
 from fedspine.bandit.tracker import RewardTracker
 
 DeviceId = str | int
@@ -45,9 +45,10 @@ _CONFIG_KEYS = (
     "prune_elasticity",
     "ratio_rule",
     "value_shrink",
+    "deadline_rule",
 )
 # Config keys added after state version 3 was written, with the value older states imply.
-_CONFIG_ADDED = {"value_shrink": 0.0}
+_CONFIG_ADDED = {"value_shrink": 0.0, "deadline_rule": "shortest"}
 
 
 def _saved_config(state: Mapping[str, Any], name: str) -> Any:
@@ -131,6 +132,11 @@ class Allocator:
     each rank's learnt worth towards the played ranks' mean by that many pseudo-observations
     before pruning is taken for it (:meth:`SafeExploration.arm_worth`).
 
+    ``deadline_rule`` (objective ``"deadline"``; ours): ``"shortest"`` (default) sets each round's
+    deadline as above; ``"progress"`` lengthens it (up to 2x) when the learnt worth of what the
+    longer round buys (less pruning, higher ranks) predicts more learning progress per second
+    (:meth:`SafeExploration._progress_deadline`).
+
     ``safe_slack`` (objective ``"paper"``; ours, not in the paper) turns on safe exploration: the
     fleet time model keeps every device's exploration under the round's predicted makespan at
     the reward-optimal arms, times ``1 + safe_slack``. ``None`` leaves pure per-device bandits.
@@ -157,8 +163,9 @@ class Allocator:
         change_factor: float | None = 1.5,
         monotone_pruning: bool = True,
         prune_elasticity: float = 0.8,
-        ratio_rule: str = "value",
+        ratio_rule: str = "capacity",
         value_shrink: float = 0.0,
+        deadline_rule: str = "shortest",
     ):
         if not isinstance(space, ArmSpace):
             raise ValueError(f"space must be an ArmSpace, got {type(space).__name__}")
@@ -183,6 +190,8 @@ class Allocator:
         _check_number(value_shrink, "value_shrink", lo=0.0)
         if ratio_rule not in RATIO_RULES:
             raise ValueError(f"ratio_rule must be one of {list(RATIO_RULES)}, got {ratio_rule!r}")
+        if deadline_rule not in DEADLINE_RULES:
+            raise ValueError(f"deadline_rule must be one of {list(DEADLINE_RULES)}, got {deadline_rule!r}")
         self.space = space
         self.objective = objective
         self.change_factor = None if change_factor is None else float(change_factor)
@@ -218,6 +227,7 @@ class Allocator:
             time_alpha=self.reward.time_alpha,
             ratio_rule=ratio_rule,
             value_shrink=float(value_shrink),
+            deadline_rule=deadline_rule,
         )
 
     # The safety settings live in ``safety``; read here for the state's config keys.
@@ -228,6 +238,7 @@ class Allocator:
     prune_elasticity = property(lambda self: self.safety.prune_elasticity)
     ratio_rule = property(lambda self: self.safety.ratio_rule)
     value_shrink = property(lambda self: self.safety.value_shrink)
+    deadline_rule = property(lambda self: self.safety.deadline_rule)
 
     # --- choosing ------------------------------------------------------------------------------
     def assign(self, device_ids: Iterable[DeviceId], round: int) -> dict[DeviceId, Arm]:
@@ -452,6 +463,7 @@ class Allocator:
             "prune_elasticity": self.prune_elasticity,
             "ratio_rule": self.ratio_rule,
             "value_shrink": self.value_shrink,
+            "deadline_rule": self.deadline_rule,
             **self.safety.state_dict(),  # deadline, floor
             "rng": self.rng.bit_generator.state,
             "fleet": self.fleet.state_dict(),

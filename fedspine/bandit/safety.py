@@ -32,7 +32,7 @@ from fedspine.bandit.reward import time_score
 # time, times this margin, meets the deadline (ours; chosen on the synthetic fleets that
 # scripts/allocator_vs_planner.py holds out: 1.0 overshoots the planner's makespan by ~7%, 1.05
 # costs ~2% capacity).
-UNPROVEN_MARGIN = 1.03
+UNPROVEN_MARGIN = 1.0
 
 # Ratio rule "value": the learnt worth of an arm is taken as proportional to its kept fraction to
 # this power times a learnt factor per rank (ours; 1 = capacity's kept-fraction term). Pruning is
@@ -42,6 +42,14 @@ UNPROVEN_MARGIN = 1.03
 PRUNE_VALUE_EXPONENT = 1.0
 VALUE_MARGIN = 0.05
 RATIO_RULES = ("value", "capacity")
+# Deadline rule "progress" (ours): the deadline is searched from the shortest one up to this many
+# times it, on PROGRESS_STEPS geometric steps, and a longer one is taken only when its predicted
+# progress per second beats the shortest's by PROGRESS_MARGIN (noise in the learnt worth must
+# not lengthen every round).
+DEADLINE_RULES = ("shortest", "progress")
+PROGRESS_SEARCH = 2.0
+PROGRESS_STEPS = 16
+PROGRESS_MARGIN = 0.05
 
 
 class SafeExploration:
@@ -66,13 +74,17 @@ class SafeExploration:
         prune_elasticity: float,
         target_ratio: float,
         time_alpha: float,
-        ratio_rule: str = "value",
+        ratio_rule: str = "capacity",
         value_shrink: float = 0.0,
+        deadline_rule: str = "shortest",
     ):
         if ratio_rule not in RATIO_RULES:
             raise ValueError(f"ratio_rule must be one of {list(RATIO_RULES)}, got {ratio_rule!r}")
+        if deadline_rule not in DEADLINE_RULES:
+            raise ValueError(f"deadline_rule must be one of {list(DEADLINE_RULES)}, got {deadline_rule!r}")
         self.ratio_rule = ratio_rule
         self.value_shrink = value_shrink
+        self.deadline_rule = deadline_rule
         self.space = space
         self.objective = objective
         self.safe_slack = safe_slack
@@ -127,7 +139,9 @@ class SafeExploration:
           pruning less or a rank one step higher costs ``explore_factor`` times its run
           neighbour one grid step cheaper; a lower rank costs at most what the higher one did.
         * The deadline is the slowest device's fastest arm (among the arms its pruning so far
-          allows), times ``1 + deadline_slack``.
+          allows), times ``1 + deadline_slack``; with ``deadline_rule="progress"`` the one with
+          the most predicted learning progress per second from there up
+          (:meth:`_progress_deadline`).
         * Each device gets one ratio (:meth:`_fit_deadline`): the least pruning predicted to
           meet the deadline, or with ``ratio_rule="value"`` a larger one where a rank's learnt
           worth (:meth:`arm_worth`) pays for it by ``VALUE_MARGIN``; with ``"capacity"`` the
@@ -162,6 +176,8 @@ class SafeExploration:
             allowed[known, self.start_arm] = True
             return allowed, None
         worth = self.arm_worth(fleet) if self.ratio_rule == "value" else self._capacity
+        if self.deadline_rule == "progress":
+            deadline = self._progress_deadline(pred, deadline, worth)
         fits, ok = self._fit_deadline(pred, deadline, worth)
         target = self.target_ratio
         if target and self._arm_ratios[ok.argmax(axis=1)].mean() > target + 1e-9:
@@ -200,9 +216,32 @@ class SafeExploration:
         raise_it = score[np.arange(pred.shape[0]), best] > base + margin
         chosen = np.where(raise_it, self._ratio_index[best], least)
         ok = fits & (ri == chosen[:, None])
-        if self.ratio_rule == "value":
-            ok &= ~raise_it[:, None] | (log_worth[None, :] > base[:, None] + margin)
+        # above the least pruning only the ranks that pay for it stay
+        ok &= ~raise_it[:, None] | (log_worth[None, :] > base[:, None] + margin)
         return fits, ok
+
+    def _progress_deadline(self, pred: np.ndarray, shortest: float, worth: np.ndarray) -> float:
+        """The deadline that maximises predicted learning progress per second of round time
+        (ours): ``mean_i w_i(D) / D``, where ``w_i(D)`` is the learnt worth (as a factor, not a
+        log) of the most valuable arm device ``i`` may play under deadline ``D``, from
+        :meth:`arm_worth` (ratio rule ``"value"``) or capacity (``"capacity"``). Every device
+        runs the same local steps whatever the deadline, so a round's progress depends on the
+        arms alone and its cost on its length. Candidates run from ``shortest`` to
+        ``PROGRESS_SEARCH`` times it; a longer deadline must beat the shortest by
+        ``PROGRESS_MARGIN``. Before any worth is learnt every rank is worth the same, and the
+        kept fraction alone never pays for a longer round on a fleet whose pace-setters are a
+        minority, so the rule starts at the shortest deadline."""
+        log_worth = worth if self.ratio_rule == "value" else np.log(np.maximum(worth, 1e-12))
+        best_d, best_j = shortest, -np.inf
+        for k, d in enumerate(shortest * np.geomspace(1.0, PROGRESS_SEARCH, PROGRESS_STEPS)):
+            _, ok = self._fit_deadline(pred, float(d), worth)
+            gain = np.exp(np.where(ok, log_worth[None, :], -np.inf).max(axis=1)).mean()
+            j = gain / d
+            if k == 0:
+                best_j = j * (1.0 + PROGRESS_MARGIN)
+            elif j > best_j:
+                best_d, best_j = float(d), j
+        return best_d
 
     def arm_worth(self, fleet: FleetModel) -> np.ndarray:
         """Log worth of every arm for the ratio rule ``"value"`` (ours), from the fleet model's
@@ -231,7 +270,7 @@ class SafeExploration:
         grid_w = np.zeros((n_p, n_r))
         np.add.at(grid_sum, (ri[known], self._rank_index[known]), effect[known] * pulls[known])
         np.add.at(grid_w, (ri[known], self._rank_index[known]), pulls[known])
-        g, h = fit_factors(grid_sum, grid_w, sweeps=8)
+        g, h = fit_factors(grid_sum, grid_w)
         g_seen, h_seen = np.flatnonzero(~np.isnan(g)), np.flatnonzero(~np.isnan(h))
         if self.value_shrink > 0:
             n_rank = grid_w.sum(axis=0)[h_seen]

@@ -18,7 +18,7 @@ import numpy as np
 
 from fedspine.bandit import POLICIES, Allocator, Arm, ArmSpace, RewardConfig, RoundReport
 from fedspine.bandit.allocator import OBJECTIVES
-from fedspine.bandit.safety import RATIO_RULES
+from fedspine.bandit.safety import DEADLINE_RULES, RATIO_RULES
 from fedspine.config import ConfigError, from_mapping, require
 from fedspine.fl.messages import Failure, TrainRes
 
@@ -58,8 +58,9 @@ class FedSpineParams:
     deadline_slack: float = 0.0  # objective "deadline": headroom on the learnt deadline
     explore_factor: float = 1.25  # objective "deadline": how far above the deadline to explore
     prune_elasticity: float = 0.8  # objective "deadline": guessed time ~ kept fraction ** this
-    ratio_rule: str = "value"  # objective "deadline": prune for learnt worth ("value") or capacity
+    ratio_rule: str = "capacity"  # objective "deadline": prune for capacity or learnt worth ("value")
     value_shrink: float = 0.0  # ratio rule "value": pseudo-observations shrinking rank worth; 0: off
+    deadline_rule: str = "shortest"  # objective "deadline": "progress" may lengthen it for worth
     reward: RewardConfig = field(default_factory=RewardConfig)
 
     def __post_init__(self) -> None:
@@ -75,6 +76,8 @@ class FedSpineParams:
         require(self.value_shrink >= 0, f"{PARAMS}value_shrink", ">= 0", self.value_shrink)
         rule = self.ratio_rule
         require(rule in RATIO_RULES, f"{PARAMS}ratio_rule", f"one of {list(RATIO_RULES)}", rule)
+        rule = self.deadline_rule
+        require(rule in DEADLINE_RULES, f"{PARAMS}deadline_rule", f"one of {list(DEADLINE_RULES)}", rule)
 
 
 @dataclass(frozen=True)
@@ -214,6 +217,7 @@ class FedSpine(ArmAssigner):
             prune_elasticity=p.prune_elasticity,
             ratio_rule=p.ratio_rule,
             value_shrink=p.value_shrink,
+            deadline_rule=p.deadline_rule,
             monotone_pruning=True,  # a simulated device never regrows what it pruned
         )
 

@@ -17,6 +17,7 @@ STATE_KEYS = [
     "version", "space", "reward", "seed", "safe_slack", "objective", "deadline_slack",
     "explore_factor", "change_factor", "monotone_pruning", "prune_elasticity", "ratio_rule",
     "value_shrink",  # added within version 3: a state without it loads as 0 (off)
+    "deadline_rule",  # added within version 3: a state without it loads as "shortest"
     "deadline", "floor",
     "rng", "fleet", "policy", "lanes", "pending", "round", "gain_ref", "norm_ref", "time_ref_ema",
     "times_round", "times",
@@ -116,3 +117,43 @@ def test_value_shrink_keeps_one_lucky_round_from_buying_pruning(shrink):
     else:
         assert 0 < gap < 0.15  # ~0.11: one pull against ten at the mean
         assert worth[idx[Arm(0.5, 8)]] < worth[idx[Arm(0.0, 4)]]
+
+
+def test_the_fleet_fit_is_the_exact_least_squares_solution_when_devices_play_few_arms():
+    """Each device plays two neighbouring arms of a chain, the case where alternating sweeps
+    crawl (eight of them left these effects at about half their size); noise-free data is
+    recovered exactly, and an arm nobody played stays unknown."""
+    from fedspine.bandit.fleet import fit_factors
+
+    n_dev, n_arm = 40, 9
+    rng = np.random.default_rng(0)
+    theta, phi = rng.normal(size=n_dev), np.linspace(-1.0, 1.0, n_arm - 1)
+    log_sum, weight = np.zeros((n_dev, n_arm)), np.zeros((n_dev, n_arm))
+    for i in range(n_dev):
+        for a in (i % (n_arm - 2), i % (n_arm - 2) + 1):
+            w = 1.0 + i % 3
+            weight[i, a] = w
+            log_sum[i, a] = w * (theta[i] + phi[a])
+    got_theta, got_phi = fit_factors(log_sum, weight)
+    assert np.isnan(got_phi[-1])  # never played
+    shift = phi.mean()  # effects are centred on the played arms
+    np.testing.assert_allclose(got_phi[:-1], phi - shift, atol=1e-9)
+    np.testing.assert_allclose(got_theta, theta + shift, atol=1e-9)
+
+
+@pytest.mark.parametrize("rank_gain, expect", [(0.0, "shortest"), (2.0, "longer")])
+def test_the_progress_deadline_is_lengthened_only_when_what_it_buys_pays_for_the_time(rank_gain, expect):
+    """A slow and a fast device; the shortest deadline (5 s) holds the slow one at (0.5, 4).
+    One more second lets it play rank 16: worth it when rank 16 is worth e^2 times rank 4
+    (predicted progress per second 0.92 against 0.79), not when ranks are worth the same."""
+    space = ArmSpace.grid([0.0, 0.5], [4, 16])  # (0,4) (0,16) (0.5,4) (0.5,16)
+    pred = np.array([[10.0, 14.0, 5.0, 6.0], [2.0, 3.0, 1.0, 1.5]])
+    log_worth = np.log([1.0, 1.0, 0.5, 0.5]) + np.array([0.0, rank_gain, 0.0, rank_gain])
+    safety = _safety(space=space, ratio_rule="value", deadline_rule="progress")
+    deadline = safety._progress_deadline(pred, 5.0, log_worth)
+    if expect == "shortest":
+        assert deadline == 5.0
+    else:
+        assert 6.0 <= deadline < 6.1  # the first searched deadline that admits (0.5, 16)
+    with pytest.raises(ValueError, match="deadline_rule must be one of"):
+        _safety(deadline_rule="longest")

@@ -70,7 +70,7 @@ class PooledUCB(Policy):
     def _fit(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         n = self.n_lanes
         log_sum, weight = self._state["log_sum"][:n], self._state["weight"][:n]
-        lane_effect, arm_effect = fit_factors(log_sum, weight, sweeps=8)
+        lane_effect, arm_effect = fit_factors(log_sum, weight)
         return lane_effect, arm_effect, weight.sum(axis=0)
 
     def _select(self, lanes: np.ndarray, rng: np.random.Generator, allowed: np.ndarray) -> np.ndarray:
