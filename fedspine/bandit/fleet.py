@@ -42,14 +42,18 @@ def fit_factors(log_sum: np.ndarray, weight: np.ndarray) -> tuple[np.ndarray, np
     phi = np.full(w.shape[1], np.nan)
     if not seen.any():
         return theta, phi
-    wr = w[rows][:, seen]
-    scaled = wr / row_w[rows, None]
-    lap = np.diag(col_w[seen]) - scaled.T @ wr
-    rhs = col_s[seen] - scaled.T @ row_s[rows]
-    sol = np.linalg.lstsq(lap, rhs, rcond=None)[0]
+    # Rows without data and unseen columns are all zeros, so the products run on the whole
+    # arrays (no copy of a fleet-sized submatrix) and the unseen arms are dropped afterwards.
+    # Dividing (not multiplying by 1/w) keeps a lone arm's row exact, so an arm no device
+    # connects to another gets an exactly zero row; rcond drops what rounding leaves elsewhere.
+    scaled = np.divide(w, row_w[:, None], out=np.zeros_like(w), where=rows[:, None])
+    lap = np.diag(col_w) - scaled.T @ w
+    rhs = col_s - scaled.T @ row_s
+    sol = np.linalg.lstsq(lap[np.ix_(seen, seen)], rhs[seen], rcond=1e-10)[0]
     sol -= sol.mean()
     phi[seen] = sol
-    theta[rows] = (row_s[rows] - wr @ sol) / row_w[rows]
+    full = np.where(seen, phi, 0.0)
+    theta[rows] = (row_s[rows] - (w @ full)[rows]) / row_w[rows]
     return theta, phi
 
 

@@ -141,6 +141,25 @@ def test_the_fleet_fit_is_the_exact_least_squares_solution_when_devices_play_few
     np.testing.assert_allclose(got_theta, theta + shift, atol=1e-9)
 
 
+def test_arms_that_no_device_connects_get_no_contrast_from_rounding():
+    """Every device on one arm of its own: nothing tells the arms apart, so every arm effect is
+    zero and each device keeps its own mean (multiplying by 1/w instead of dividing left rounding
+    that the solve blew up to effects of order 1)."""
+    from fedspine.bandit.fleet import fit_factors
+
+    rng = np.random.default_rng(187)
+    n_dev, n_arm = 30, 12
+    weight = np.zeros((n_dev, n_arm))
+    arm = rng.integers(0, n_arm, n_dev)
+    weight[np.arange(n_dev), arm] = rng.random(n_dev) + 0.1
+    log_sum = weight * rng.normal(size=(n_dev, n_arm))
+    theta, phi = fit_factors(log_sum, weight)
+    played = np.isin(np.arange(n_arm), arm)
+    np.testing.assert_array_equal(np.isnan(phi), ~played)
+    np.testing.assert_allclose(phi[played], 0.0, atol=1e-12)
+    np.testing.assert_allclose(theta, log_sum.sum(axis=1) / weight.sum(axis=1), atol=1e-12)
+
+
 @pytest.mark.parametrize("rank_gain, expect", [(0.0, "shortest"), (2.0, "longer")])
 def test_the_progress_deadline_is_lengthened_only_when_what_it_buys_pays_for_the_time(rank_gain, expect):
     """A slow and a fast device; the shortest deadline (5 s) holds the slow one at (0.5, 4).
