@@ -325,6 +325,7 @@ def write_results(
             "",
         ]
     md += _precision_note(results)
+    md += _code_note(results)
     for g, table in tables.items():
         if g:
             md += [f"## {g}", ""]
@@ -386,6 +387,24 @@ def _precision_note(results: Sequence[CellResult]) -> list[str]:
             f"the others computed in {known}."
         )
     return [*note, ""] if note else []
+
+
+def _code_note(results: Sequence[CellResult]) -> list[str]:
+    """Which fedspine source each run came from (``fedspine.provenance``), when the runs that
+    recorded it did not all come from the same; runs from before the record are counted apart."""
+    by: dict[str, list[str]] = {}
+    unrecorded = 0
+    for r in results:
+        code = r.summary.get("code")
+        if code is None:
+            unrecorded += 1
+        else:
+            by.setdefault(code, []).append(_cell_name(r.cell))
+    if len(by) < 2:
+        return []
+    parts = "; ".join(f"`{code}`: {', '.join(names)}" for code, names in sorted(by.items()))
+    older = f"; {unrecorded} older runs did not record it" if unrecorded else ""
+    return [f"**Code:** these runs came from {len(by)} versions of the fedspine source ({parts}{older}).", ""]
 
 
 def _cell_name(cell: Cell) -> str:

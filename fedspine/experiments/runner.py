@@ -42,6 +42,18 @@ def _wanted(cell: Cell) -> dict[str, Any]:
     return json.loads(json.dumps(cell.cfg.to_dict()))
 
 
+def _same_defaults(cell: Cell, source: Path) -> bool:
+    """Whether a finished run elsewhere resolved the cell's strategy parameters as today's code
+    does (a changed default changes a run, not its config). A run from before summaries recorded
+    them is taken as the same: results.md says which runs were copied."""
+    from fedspine.fl.strategies import resolved_params
+
+    recorded = (_read_json(source / "summary.json") or {}).get("strategy_params")
+    if recorded is None:
+        return True
+    return recorded == resolved_params(cell.cfg.strategy.name, cell.cfg.strategy.params)
+
+
 def _is_finished(cell: Cell, out: Path) -> bool:
     run_dir = cell.run_dir(out)
     return (run_dir / "summary.json").exists() and _read_json(run_dir / "config.json") == _wanted(cell)
@@ -91,6 +103,9 @@ def run_cells(
             shutil.rmtree(run_dir)
             have = None
         source = elsewhere.get(_config_key(want))
+        if have is None and source is not None and not _same_defaults(cell, source):
+            print(f"{label}: {source} ran other strategy defaults; not copied", flush=True)
+            source = None
         if have is None and source is not None and source.resolve() != run_dir.resolve():
             run_dir.mkdir(parents=True, exist_ok=True)
             for name in ("config.json", "metrics.jsonl"):

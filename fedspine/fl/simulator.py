@@ -37,7 +37,7 @@ from fedspine.fl.faults import DROPOUT, FaultInjector
 from fedspine.fl.messages import Failure, TrainRes
 from fedspine.fl.runners import DeviceRunner, InProcessRunner, Reply
 from fedspine.fl.server import Server
-from fedspine.fl.strategies import StrategyContext, make_strategy
+from fedspine.fl.strategies import StrategyContext, make_strategy, resolved_params
 from fedspine.fl.time_model import (
     Workload,
     expected_round_time_s,
@@ -51,6 +51,7 @@ from fedspine.logging import RunLogger
 from fedspine.lora import adapter_shapes, attach, extract, load, save_adapter
 from fedspine.lora.adapters import ALPHA_PER_RANK
 from fedspine.lora.coords import split_key
+from fedspine.provenance import source_fingerprint
 from fedspine.pruning.index_map import KeptIndexMap
 from fedspine.seeds import Seeds
 
@@ -462,6 +463,8 @@ def run(
             original_params=int(full),
         )
     out.summary.update(_compute(sim.runner, cfg))
+    out.summary["strategy_params"] = resolved_params(cfg.strategy.name, cfg.strategy.params)
+    out.summary["code"] = source_fingerprint()
     out.summary["wall_s"] = time.perf_counter() - start  # this process's part of the run
     if logger is not None:
         logger.finish(out.summary)

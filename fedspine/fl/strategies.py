@@ -371,6 +371,17 @@ STRATEGIES: dict[str, type[ArmAssigner]] = {
 }
 
 
+def resolved_params(name: str, raw: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Strategy ``name``'s parameters with every default filled in, as plain JSON data: what a
+    run's summary records, since a changed default changes a run without changing its config."""
+    import dataclasses
+    import json
+
+    params = STRATEGIES[name].parse_params(raw or {})
+    plain = dataclasses.asdict(params) if dataclasses.is_dataclass(params) else {}
+    return json.loads(json.dumps(plain, default=str))
+
+
 def make_strategy(name: str, ctx: StrategyContext) -> ArmAssigner:
     if name not in STRATEGIES:
         raise ValueError(f"strategy must be one of {sorted(STRATEGIES)}, got {name!r}")

@@ -3,6 +3,7 @@
 import importlib.util
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -252,3 +253,24 @@ def test_a_run_finished_elsewhere_with_the_same_config_is_copied_not_rerun(tmp_p
     capsys.readouterr()
     assert compare_main([*args, "--out", str(second), "--partial", "--reuse", str(first)]) == 0
     assert "copied from an identical config" in (second / "results.md").read_text()
+
+    # the same config under another default (as the summary records it) is not a copy
+    summary = json.loads((source / "summary.json").read_text())
+    assert summary["strategy_params"] == {"rank": 8} and len(summary["code"]) == 12
+    summary["strategy_params"] = {"rank": 16}
+    (source / "summary.json").write_text(json.dumps(summary))
+    with pytest.raises(AssertionError, match="must not train"):
+        run_cells([fedavg], tmp_path / "third", reuse=[first])
+    assert "ran other strategy defaults; not copied" in capsys.readouterr().out
+
+
+def test_results_md_says_when_its_runs_came_from_different_code():
+    from fedspine.experiments.report import _code_note
+
+    def result(seed, code):
+        cell = SimpleNamespace(group="", variant="fedspine", seed=seed)
+        return CellResult(cell, [], {} if code is None else {"code": code})
+
+    assert _code_note([result(0, "aaa"), result(1, "aaa"), result(2, None)]) == []
+    (note, _) = _code_note([result(0, "aaa"), result(1, "bbb"), result(2, None)])
+    assert "2 versions" in note and "`bbb`: fedspine seed 1" in note and "1 older runs" in note
