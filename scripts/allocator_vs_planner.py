@@ -38,12 +38,13 @@ FLEETS = {
 }
 
 ALLOCATORS = {
-    "fedspine (deadline, pooled-ucb)": {},
+    "fedspine (deadline, pooled-ucb, value ratio rule)": {},
     "deadline, pooled-ucb centred per round": {"policy_params": {"center": True}},
-    "deadline, value ratio rule": {"ratio_rule": "value"},
-    "deadline, value rule shrunk by 10 pulls": {"ratio_rule": "value", "value_shrink": 10.0},
+    "deadline, capacity ratio rule": {"ratio_rule": "capacity"},
+    "deadline, value rule shrunk by 10 pulls": {"value_shrink": 10.0},
     "deadline, progress deadline rule": {"deadline_rule": "progress"},
     "deadline, random in the same safe set": {"policy": "random"},
+    "capacity rule, random in the same safe set": {"ratio_rule": "capacity", "policy": "random"},
     "deadline, per-device s-ucb in the safe set": {"policy": "s-ucb"},
     "paper (s-ucb, quantile reward, safe cap)": {"objective": "paper"},
     "paper, no cap (per-device s-ucb)": {"objective": "paper", "safe_slack": None},
@@ -106,8 +107,8 @@ def main() -> None:
     print("## 10 NX devices become 3x slower at round 21 (paper mix, seed 10)")
     print("| allocator | rounds until they are on arms no heavier than the planner's, per seed |")
     print("|---|---|")
-    adapting = ("fedspine (deadline, pooled-ucb)", "deadline, pooled-ucb centred per round")
-    adapting += ("deadline, value rule shrunk by 10 pulls", "deadline, random in the same safe set")
+    adapting = ("fedspine (deadline, pooled-ucb, value ratio rule)", "deadline, pooled-ucb centred per round")
+    adapting += ("deadline, capacity ratio rule", "deadline, random in the same safe set")
     for aname in adapting:
         kw = ALLOCATORS[aname]
         got = []

@@ -163,7 +163,7 @@ class Allocator:
         change_factor: float | None = 1.5,
         monotone_pruning: bool = True,
         prune_elasticity: float = 0.8,
-        ratio_rule: str = "capacity",
+        ratio_rule: str = "value",
         value_shrink: float = 0.0,
         deadline_rule: str = "shortest",
     ):

@@ -74,7 +74,7 @@ class SafeExploration:
         prune_elasticity: float,
         target_ratio: float,
         time_alpha: float,
-        ratio_rule: str = "capacity",
+        ratio_rule: str = "value",
         value_shrink: float = 0.0,
         deadline_rule: str = "shortest",
     ):

@@ -58,7 +58,7 @@ class FedSpineParams:
     deadline_slack: float = 0.0  # objective "deadline": headroom on the learnt deadline
     explore_factor: float = 1.25  # objective "deadline": how far above the deadline to explore
     prune_elasticity: float = 0.8  # objective "deadline": guessed time ~ kept fraction ** this
-    ratio_rule: str = "capacity"  # objective "deadline": prune for capacity or learnt worth ("value")
+    ratio_rule: str = "value"  # objective "deadline": prune for learnt worth or for capacity ("capacity")
     value_shrink: float = 0.0  # ratio rule "value": pseudo-observations shrinking rank worth; 0: off
     deadline_rule: str = "shortest"  # objective "deadline": "progress" may lengthen it for worth
     reward: RewardConfig = field(default_factory=RewardConfig)
