@@ -132,4 +132,7 @@ def combine(
     )
     den = cfg.base_weight + cfg.loss_weight + cfg.prune_weight + w_update
     scores["quality"] = num / den
+    # What the arm bought in learning: the quality without the pruning ingredient, which only
+    # says how far the ratio is from a sparsity target (ours; equal to "quality" without one).
+    scores["learning"] = (num - cfg.prune_weight * scores["prune"]) / den
     return np.clip(scores["time"] * scores["quality"], 0.0, 1.0), scores

@@ -66,7 +66,7 @@ class RewardTracker:
         whole_round: bool,
         deadline: float | None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """(rewards in [0, 1], the quality factor behind them) of validated reports of distinct
+        """(rewards in [0, 1], the quality factor the fleet model learns) of validated reports of distinct
         ``lanes`` (``ok``: the round completed; a failure gets 0), and the references updated.
 
         ``whole_round``: the reports are the whole round, so its own times give the time
@@ -118,7 +118,10 @@ class RewardTracker:
         rewards[~ok] = 0.0
         self.times = round_times
         self.gain_ref[lanes], self.norm_ref[lanes] = gain_ref, norm_ref
-        return rewards, scores["quality"]
+        # The deadline objective holds a sparsity target itself (SafeExploration._hold_sparsity),
+        # so what it learns an arm is worth leaves out the pruning ingredient; the paper
+        # objective keeps its reconstruction as it was.
+        return rewards, scores["learning" if self.objective == "deadline" else "quality"]
 
     # --- persistence (keys of the Allocator's state, version 3) ---------------------------------
     def state_dict(self) -> dict[str, Any]:

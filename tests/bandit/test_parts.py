@@ -57,6 +57,34 @@ def test_the_state_keeps_its_version_3_layout_and_round_trips_through_the_parts(
     assert again.assign(range(8), 6) == alloc.assign(range(8), 6)
 
 
+@pytest.mark.parametrize("objective", ["deadline", "paper"])
+def test_under_a_sparsity_target_what_an_arm_is_worth_leaves_out_the_pruning_ingredient(objective):
+    """Two devices with the same loss drop, one pruned to the target and one to half of it: the
+    reward counts the pruning ingredient, and under the deadline objective what the fleet model
+    learns an arm is worth does not (otherwise the value ratio rule prunes every device towards
+    the target: seen at the powered size on the real task, 2026-12-03); the paper objective's
+    reconstruction is left as it was."""
+    tracker = RewardTracker(RewardConfig(target_ratio=0.2), SPACE, objective=objective)
+    tracker.add_lanes(2)
+    same = np.array([1.0, 1.0])
+    rewards, learnt = tracker.score(
+        np.array([0, 1]),
+        np.array([True, True]),
+        times=np.array([2.0, 2.0]),
+        loss_before=same,
+        loss_after=same * 0.5,
+        update_norm=np.full(2, np.nan),
+        ratio=np.array([0.1, 0.2]),
+        whole_round=True,
+        deadline=2.0,
+    )
+    assert rewards[1] > rewards[0]
+    if objective == "deadline":
+        assert learnt[0] == learnt[1]
+    else:
+        assert learnt[1] > learnt[0]
+
+
 def test_reward_tracker_scores_a_failure_zero_and_keeps_its_scales():
     tracker = RewardTracker(RewardConfig(), SPACE, objective="paper")
     tracker.add_lanes(2)
