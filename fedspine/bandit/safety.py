@@ -125,7 +125,12 @@ class SafeExploration:
     def observe(self, lanes: np.ndarray, achieved_ratios: np.ndarray) -> None:
         """Completed rounds of ``lanes`` (distinct) at ``achieved_ratios``: raise their floors."""
         if self.objective == "deadline" and self.monotone_pruning:
-            self.floor[lanes] = np.maximum(self.floor[lanes], achieved_ratios)
+            # The grid ratio nearest the achieved one, as the arm that ran is read: channel
+            # rounding leaves a device at 0.101 on arm 0.1, and a floor of 0.101 would forbid
+            # that arm and ratchet the device up the grid one step a round.
+            grid = np.unique(self._arm_ratios)
+            nearest = grid[np.abs(np.asarray(achieved_ratios)[:, None] - grid[None, :]).argmin(axis=1)]
+            self.floor[lanes] = np.maximum(self.floor[lanes], nearest)
 
     def deadline_arms(self, lanes: np.ndarray, fleet: FleetModel) -> tuple[np.ndarray, float | None]:
         """Arms each lane may play under the round's deadline, and the deadline (objective

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from fedspine.bandit import Allocator, Arm, ArmSpace, RewardConfig
+from fedspine.bandit import Allocator, Arm, ArmSpace, RewardConfig, RoundReport
 from fedspine.bandit.fleet import FleetModel
 from fedspine.bandit.planner import capacity
 from fedspine.bandit.safety import SafeExploration
@@ -55,6 +55,32 @@ def test_the_state_keeps_its_version_3_layout_and_round_trips_through_the_parts(
     again = Allocator.from_state_dict(json.loads(text))
     assert json.dumps(again.state_dict()) == text
     assert again.assign(range(8), 6) == alloc.assign(range(8), 6)
+
+
+def test_a_device_that_achieved_a_hair_above_its_ratio_may_play_that_ratio_again():
+    """Channel rounding leaves a device at sparsity 0.101 on arm 0.1. Its pruning floor is the
+    grid ratio it ran (0.1), not 0.101, which would forbid arm 0.1 and push the device one grid
+    step up every round (seen at the powered size: every device at 0.3 by round 3)."""
+    space = ArmSpace.grid([0.1, 0.2, 0.3], [4])
+    alloc = Allocator(space, seed=0)
+    fast = []
+    for rnd, slow_time in ((1, 4.0), (2, 3.0), (3, 3.0), (4, 3.0)):
+        arms = alloc.assign([0, 1], rnd)
+        fast.append(arms[1].ratio)
+        reports = [
+            RoundReport(
+                d,
+                arms[d],
+                round_time_s=t,
+                loss_before=1.0,
+                loss_after=0.9,
+                achieved_ratio=arms[d].ratio + 0.001,
+            )
+            for d, t in ((0, slow_time), (1, 1.0))
+        ]
+        alloc.observe_round(reports)
+    assert fast == [0.1, 0.1, 0.1, 0.1]  # the fast device never needed more (was 0.1, 0.2, 0.3)
+    assert alloc.state_dict()["floor"] == [0.3, 0.1]
 
 
 @pytest.mark.parametrize("objective", ["deadline", "paper"])
