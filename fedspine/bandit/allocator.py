@@ -341,7 +341,10 @@ class Allocator:
         arm_idx = r.arm_idx
         if self.objective == "deadline":  # learn from the arm that actually ran
             arm_idx = np.where(ok, self._effective_arms(arm_idx, r.ratios), arm_idx)
-            self.safety.observe(lanes[ok], r.ratios[ok])
+            # the floor is the grid ratio that ran, not the achieved one: channel rounding
+            # leaves a device at 0.101 on arm 0.1, and a floor of 0.101 would forbid that arm
+            # and ratchet the device up the grid one step a round
+            self.safety.observe(lanes[ok], self._arm_ratios[arm_idx[ok]])
         self.policy.update(lanes, arm_idx, rewards)
         self.fleet.observe(lanes[ok], arm_idx[ok], r.times[ok], quality[ok])
         if len(r.ids) == len(self._pending):  # ids are distinct and all pending: the whole round
