@@ -87,7 +87,8 @@ def run_cells(
     A cell whose exact config already ran to the end under one of the ``reuse`` folders (another
     experiment's results, say) is copied from there instead of run again; its summary records
     ``reused_from`` and results.md lists it. A run's numbers follow from its config and seed, so
-    the copy is what a rerun would give, for none of the compute."""
+    the copy is what a rerun would give, for none of the compute. Cells of this call whose configs
+    are identical (an unpruned ceiling that ignores a sweep's arm grid, say) run once the same way."""
     from fedspine.fl.simulator import run_in_dir
 
     out = Path(out)
@@ -117,6 +118,7 @@ def run_cells(
         if have is not None and (run_dir / "summary.json").exists():
             print(f"{label}: done before, read back", flush=True)
             results.append(_read_back(cell, run_dir))
+            elsewhere.setdefault(_config_key(want), run_dir)
             continue
         resume = (run_dir / "checkpoint").exists()
         print(f"{label}: {'resuming' if resume else 'running'} -> {run_dir}", flush=True)
@@ -136,6 +138,7 @@ def run_cells(
             flush=True,
         )
         results.append(CellResult(cell, res.records, res.summary))
+        elsewhere.setdefault(_config_key(want), run_dir)
     return results
 
 

@@ -264,6 +264,20 @@ def test_a_run_finished_elsewhere_with_the_same_config_is_copied_not_rerun(tmp_p
     assert "ran other strategy defaults; not copied" in capsys.readouterr().out
 
 
+@pytest.mark.slow
+def test_identical_cells_of_one_call_run_once(tmp_path, capsys):
+    """An unpruned ceiling repeated in every group of a sweep (same config) trains once."""
+    from dataclasses import replace
+
+    cells = plan(load_experiment(write_spec(tmp_path)), seeds=1)
+    fedavg = next(c for c in cells if c.variant == "fedavg")
+    twin = replace(fedavg, group="another group")
+    first, second = run_cells([fedavg, twin], tmp_path / "out")
+    assert second.summary["reused_from"] == fedavg.run_dir(tmp_path / "out").as_posix()
+    assert "same config finished" in capsys.readouterr().out
+    assert first.summary["final_accuracy"] == second.summary["final_accuracy"]
+
+
 def test_results_md_says_when_its_runs_came_from_different_code():
     from fedspine.experiments.report import _code_note
 
