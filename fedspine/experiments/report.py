@@ -35,6 +35,8 @@ class Row:
     sustained_time_s: float | None  # mean over the seeds that reached it, SUSTAIN_WINDOW evaluations
     sustained_reached: int
     sustained_speedup: str  # the same speed-up on the sustained time to target
+    final_gap: str  # reference's final accuracy minus this variant's, points, paired by seed
+    device_gap: str  # the same on the device models' accuracy (eval.devices)
     time_per_round_s: float
     sparsity: float
     megabytes: float
@@ -75,8 +77,7 @@ def _row(variant: str, rs: list[CellResult], ref: Mapping[int, CellResult], is_r
     s = [r.summary for r in rs]
     finals = np.array([x["final_accuracy"] for x in s if x.get("final_accuracy") is not None], dtype=float)
     tta = [x["time_to_target_s"] for x in s if x.get("time_to_target_s") is not None]
-    dev = [r.records[-1].get("device_accuracy_mean") for r in rs if r.records]
-    dev = [d for d in dev if d is not None]
+    dev = [d for d in map(device_accuracy, rs) if d is not None]
     deployed = [x["deployed_params_mean"] for x in s if x.get("deployed_params_mean") is not None]
     sustained = [t for t in (sustained_time(r) for r in rs) if t is not None]
     return Row(
@@ -93,6 +94,8 @@ def _row(variant: str, rs: list[CellResult], ref: Mapping[int, CellResult], is_r
         sustained_time_s=float(np.mean(sustained)) if sustained else None,
         sustained_reached=len(sustained),
         sustained_speedup="(reference)" if is_ref else speedup(rs, ref, metric=sustained_time),
+        final_gap="(reference)" if is_ref else accuracy_gap(rs, ref, final_accuracy),
+        device_gap="(reference)" if is_ref else accuracy_gap(rs, ref, device_accuracy),
         time_per_round_s=float(np.mean([x["clock_s"] / max(1, x["rounds"]) for x in s])),
         sparsity=float(np.mean([x.get("final_mean_sparsity") or 0.0 for x in s])),
         megabytes=float(np.mean([x["bytes_total"] for x in s])) / 1e6,
@@ -146,6 +149,41 @@ def speedup(
     return text
 
 
+def final_accuracy(result: CellResult) -> float | None:
+    return result.summary.get("final_accuracy")
+
+
+def device_accuracy(result: CellResult) -> float | None:
+    """The mean accuracy of the devices' own pruned models after the last round."""
+    return result.records[-1].get("device_accuracy_mean") if result.records else None
+
+
+def accuracy_gap(
+    baseline: Sequence[CellResult],
+    reference: Mapping[int, CellResult],
+    metric: Callable[[CellResult], float | None],
+) -> str:
+    """Reference's accuracy minus the baseline's, in points, seed by seed (paired: same
+    partition, fleet and jitter), averaged; with two or more pairs also the 95% bootstrap
+    interval of that mean. Positive: the reference is more accurate. A paired difference is
+    far less noisy than two means side by side, whose seed spreads overlap."""
+    gaps = []
+    for b in baseline:
+        r = reference.get(b.cell.seed)
+        a_ref, a_b = (None, None) if r is None else (metric(r), metric(b))
+        if a_ref is not None and a_b is not None:
+            gaps.append(100.0 * (a_ref - a_b))
+    if not gaps:
+        return "–"
+    text = f"{np.mean(gaps):+.1f}"
+    if len(gaps) > 1:
+        lo, hi = bootstrap_interval(gaps)
+        text += f" [{lo:+.1f}, {hi:+.1f}]"
+    if len(gaps) < len(baseline):
+        text += f" ({len(gaps)} of {len(baseline)} seeds)"
+    return text
+
+
 def bootstrap_interval(
     values: Sequence[float], draws: int = 10_000, level: float = 0.95
 ) -> tuple[float, float]:
@@ -164,6 +202,8 @@ def format_table(table: Sequence[Row], *, target: float | None) -> str:
         "final acc (mean ± std)",
         "best acc",
         "device acc",
+        "final acc: reference − row (points)",
+        "device acc: reference − row (points)",
         f"time to {tgt} (s, sim.)",
         "speed-up of reference",
         f"sustained time to {tgt} (s, sim.)",
@@ -188,6 +228,8 @@ def format_table(table: Sequence[Row], *, target: float | None) -> str:
             else f"{r.final_accuracy[0]:.3f}",
             f"{r.best_accuracy:.3f}",
             "–" if r.device_accuracy is None else f"{r.device_accuracy:.3f}",
+            r.final_gap,
+            r.device_gap,
             tta,
             r.speedup,
             reached(r.sustained_time_s, r.sustained_reached, r.seeds),
@@ -297,7 +339,10 @@ def write_results(
         "Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()) + ".",
         "",
         "Columns: *final acc* is the global model's test accuracy after the last round; *device acc* "
-        "the mean over devices of each device's own pruned model (when `eval.devices` is on); times are "
+        "the mean over devices of each device's own pruned model (when `eval.devices` is on); "
+        "*reference − row* is the reference's accuracy minus the row's in points, seed by seed, "
+        "averaged, with a 95% bootstrap interval over the paired seeds (positive: the reference is "
+        "more accurate); times are "
         "simulated seconds from the device time model; *speed-up of reference* is "
         f"`{exp.reference}`'s time-to-target advantage over the row, seed by seed, averaged, with a 95% "
         'bootstrap interval over the paired seeds and each seed\'s ratio when there are several (">" = '

@@ -124,6 +124,26 @@ def test_speedup_is_per_seed_with_a_bootstrap_interval_and_marks_lower_bounds():
     assert [r.variant for r in table] == ["fedspine", "b"] and table[1].speedup.startswith("2.00x")
 
 
+def test_accuracy_gaps_are_paired_by_seed_in_points_with_an_interval():
+    from fedspine.experiments.report import accuracy_gap, device_accuracy, final_accuracy, format_table
+
+    def res(variant, seed, final, device):
+        r = _result(variant, seed, 10.0, records=[{"device_accuracy_mean": device}])
+        r.summary["final_accuracy"] = final
+        return r
+
+    ref = {0: res("fedspine", 0, 0.80, 0.75), 1: res("fedspine", 1, 0.70, 0.65)}
+    rows_b = [res("b", 0, 0.78, 0.76), res("b", 1, 0.69, 0.68)]
+    # paired gaps +2 and +1 points: mean +1.5, resampled means 1, 1.5 or 2
+    assert accuracy_gap(rows_b, ref, final_accuracy) == "+1.5 [+1.0, +2.0]"
+    assert accuracy_gap(rows_b, ref, device_accuracy) == "-2.0 [-3.0, -1.0]"
+    assert accuracy_gap(rows_b[:1], {1: ref[1]}, final_accuracy) == "–"  # no pair
+    assert accuracy_gap(rows_b, {0: ref[0]}, final_accuracy) == "+2.0 (1 of 2 seeds)"
+    table = rows([*ref.values(), *rows_b], "fedspine")[""]
+    assert (table[0].final_gap, table[1].device_gap) == ("(reference)", "-2.0 [-3.0, -1.0]")
+    assert "| +1.5 [+1.0, +2.0] | -2.0 [-3.0, -1.0] |" in format_table(table, target=0.7)
+
+
 def test_the_sustained_speedup_waits_for_a_mean_of_evaluations_at_the_target():
     def curve(accs):
         return [{"clock_s": 10.0 * (k + 1), "accuracy": a} for k, a in enumerate(accs)]
