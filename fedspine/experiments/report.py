@@ -37,6 +37,7 @@ class Row:
     sustained_speedup: str  # the same speed-up on the sustained time to target
     final_gap: str  # reference's final accuracy minus this variant's, points, paired by seed
     device_gap: str  # the same on the device models' accuracy (eval.devices)
+    equal_time_gap: str  # the same on the global model at the earlier of the two runs' end times
     time_per_round_s: float
     sparsity: float
     megabytes: float
@@ -96,6 +97,7 @@ def _row(variant: str, rs: list[CellResult], ref: Mapping[int, CellResult], is_r
         sustained_speedup="(reference)" if is_ref else speedup(rs, ref, metric=sustained_time),
         final_gap="(reference)" if is_ref else accuracy_gap(rs, ref, final_accuracy),
         device_gap="(reference)" if is_ref else accuracy_gap(rs, ref, device_accuracy),
+        equal_time_gap="(reference)" if is_ref else equal_time_gap(rs, ref),
         time_per_round_s=float(np.mean([x["clock_s"] / max(1, x["rounds"]) for x in s])),
         sparsity=float(np.mean([x.get("final_mean_sparsity") or 0.0 for x in s])),
         megabytes=float(np.mean([x["bytes_total"] for x in s])) / 1e6,
@@ -173,15 +175,46 @@ def accuracy_gap(
         a_ref, a_b = (None, None) if r is None else (metric(r), metric(b))
         if a_ref is not None and a_b is not None:
             gaps.append(100.0 * (a_ref - a_b))
+    return _gap_text(gaps, len(baseline))
+
+
+def _gap_text(gaps: Sequence[float], seeds: int) -> str:
     if not gaps:
         return "–"
     text = f"{np.mean(gaps):+.1f}"
     if len(gaps) > 1:
         lo, hi = bootstrap_interval(gaps)
         text += f" [{lo:+.1f}, {hi:+.1f}]"
-    if len(gaps) < len(baseline):
-        text += f" ({len(gaps)} of {len(baseline)} seeds)"
+    if len(gaps) < seeds:
+        text += f" ({len(gaps)} of {seeds} seeds)"
     return text
+
+
+def accuracy_at(result: CellResult, clock_s: float) -> float | None:
+    """The global model's accuracy at the last evaluation at or before ``clock_s`` (simulated)."""
+    seen = [
+        r["accuracy"]
+        for r in result.records
+        if r.get("accuracy") is not None and r.get("clock_s", math.inf) <= clock_s
+    ]
+    return seen[-1] if seen else None
+
+
+def equal_time_gap(baseline: Sequence[CellResult], reference: Mapping[int, CellResult]) -> str:
+    """Reference's accuracy minus the baseline's at the same simulated time (ours): per seed,
+    the earlier of the two runs' end clocks, which both reached, so a run with shorter rounds
+    is compared with the other where both stood then, not after more rounds than it had. The
+    round budget favours the run with the longer rounds; this cut favours neither."""
+    gaps = []
+    for b in baseline:
+        r = reference.get(b.cell.seed)
+        if r is None:
+            continue
+        t = min(r.summary["clock_s"], b.summary["clock_s"])
+        a_ref, a_b = accuracy_at(r, t), accuracy_at(b, t)
+        if a_ref is not None and a_b is not None:
+            gaps.append(100.0 * (a_ref - a_b))
+    return _gap_text(gaps, len(baseline))
 
 
 def bootstrap_interval(
@@ -204,6 +237,7 @@ def format_table(table: Sequence[Row], *, target: float | None) -> str:
         "device acc",
         "final acc: reference − row (points)",
         "device acc: reference − row (points)",
+        "acc at equal time: reference − row (points)",
         f"time to {tgt} (s, sim.)",
         "speed-up of reference",
         f"sustained time to {tgt} (s, sim.)",
@@ -230,6 +264,7 @@ def format_table(table: Sequence[Row], *, target: float | None) -> str:
             "–" if r.device_accuracy is None else f"{r.device_accuracy:.3f}",
             r.final_gap,
             r.device_gap,
+            r.equal_time_gap,
             tta,
             r.speedup,
             reached(r.sustained_time_s, r.sustained_reached, r.seeds),
@@ -342,7 +377,8 @@ def write_results(
         "the mean over devices of each device's own pruned model (when `eval.devices` is on); "
         "*reference − row* is the reference's accuracy minus the row's in points, seed by seed, "
         "averaged, with a 95% bootstrap interval over the paired seeds (positive: the reference is "
-        "more accurate); times are "
+        "more accurate); *at equal time*: the same on the global model at the earlier of the two "
+        "runs' simulated end times (the last evaluation by then); times are "
         "simulated seconds from the device time model; *speed-up of reference* is "
         f"`{exp.reference}`'s time-to-target advantage over the row, seed by seed, averaged, with a 95% "
         'bootstrap interval over the paired seeds and each seed\'s ratio when there are several (">" = '

@@ -144,6 +144,22 @@ def test_accuracy_gaps_are_paired_by_seed_in_points_with_an_interval():
     assert "| +1.5 [+1.0, +2.0] | -2.0 [-3.0, -1.0] |" in format_table(table, target=0.7)
 
 
+def test_accuracy_at_equal_time_cuts_both_runs_at_the_earlier_end():
+    from fedspine.experiments.report import accuracy_at, equal_time_gap
+
+    def run(variant, seed, curve):  # (clock, accuracy) per round
+        records = [{"clock_s": t, "accuracy": a} for t, a in curve]
+        return _result(variant, seed, None, clock=curve[-1][0], records=records)
+
+    short_rounds = run("fedspine", 0, [(1, 0.5), (2, 0.6), (3, 0.7), (4, 0.8)])  # ends at 4 s
+    long_rounds = run("b", 0, [(2, 0.6), (4, 0.75), (6, 0.9)])  # ends at 6 s: cut at 4 s
+    assert accuracy_at(long_rounds, 4.0) == 0.75 and accuracy_at(long_rounds, 1.0) is None
+    assert equal_time_gap([long_rounds], {0: short_rounds}) == "+5.0"
+    # the other way round the cut is the baseline's end: 2 s, where the reference stood at 0.6
+    assert equal_time_gap([run("b", 0, [(2, 0.7)])], {0: short_rounds}) == "-10.0"
+    assert equal_time_gap([long_rounds], {}) == "–"
+
+
 def test_the_sustained_speedup_waits_for_a_mean_of_evaluations_at_the_target():
     def curve(accs):
         return [{"clock_s": 10.0 * (k + 1), "accuracy": a} for k, a in enumerate(accs)]
