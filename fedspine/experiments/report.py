@@ -142,10 +142,9 @@ def speedup(
         ratios.append(t_b / t_ref)
     if not ratios:
         return "n/a (reference never reached the target)"
-    text = f"{'>' if bound else ''}{np.mean(ratios):.2f}x"
+    text = ">" * bound + _mean_and_interval(ratios, ".2f", unit="x")
     if len(ratios) > 1:
-        lo, hi = bootstrap_interval(ratios)
-        text += f" [{lo:.2f}, {hi:.2f}] ({', '.join(f'{x:.2f}' for x in ratios)})"
+        text += f" ({', '.join(f'{x:.2f}' for x in ratios)})"
     if missing:
         text += f" ({len(ratios)} of {len(ratios) + missing} seeds)"
     return text
@@ -181,10 +180,7 @@ def accuracy_gap(
 def _gap_text(gaps: Sequence[float], seeds: int) -> str:
     if not gaps:
         return "–"
-    text = f"{np.mean(gaps):+.1f}"
-    if len(gaps) > 1:
-        lo, hi = bootstrap_interval(gaps)
-        text += f" [{lo:+.1f}, {hi:+.1f}]"
+    text = _mean_and_interval(gaps, "+.1f")
     if len(gaps) < seeds:
         text += f" ({len(gaps)} of {seeds} seeds)"
     return text
@@ -215,6 +211,15 @@ def equal_time_gap(baseline: Sequence[CellResult], reference: Mapping[int, CellR
         if a_ref is not None and a_b is not None:
             gaps.append(100.0 * (a_ref - a_b))
     return _gap_text(gaps, len(baseline))
+
+
+def _mean_and_interval(values: Sequence[float], fmt: str, unit: str = "") -> str:
+    """``mean<unit>``, and with two or more values `` [lo, hi]``, the 95% bootstrap interval."""
+    text = format(float(np.mean(values)), fmt) + unit
+    if len(values) > 1:
+        lo, hi = bootstrap_interval(values)
+        text += f" [{format(lo, fmt)}, {format(hi, fmt)}]"
+    return text
 
 
 def bootstrap_interval(
