@@ -365,7 +365,8 @@ def write_results(
     tables = rows(results, exp.reference)
     figs = make_figures(exp, results, out) if figures else {}
     env = environment()
-    wall = sum(r.summary.get("wall_s", 0.0) for r in results if not r.summary.get("reused_from"))
+    borrowed = ("reused_from", "retimed_from")
+    wall = sum(r.summary.get("wall_s", 0.0) for r in results if not any(r.summary.get(k) for k in borrowed))
     seeds = max((r.cell.seed for r in results), default=0) + 1
     md = [f"# {exp.title}", ""]
     if exp.about:
@@ -407,6 +408,16 @@ def write_results(
         md += [
             "Runs copied from an identical config that had already finished (`--reuse`): "
             + "; ".join(f"{_cell_name(r.cell)} from `{r.summary['reused_from']}`" for r in reused)
+            + ".",
+            "",
+        ]
+    retimed = [r for r in results if r.summary.get("retimed_from")]
+    if retimed:
+        md += [
+            "Runs retimed, not trained (`fedspine.fl.retime`): a strategy that never reads the clock "
+            "learns the same on a fleet that differs only in device speed, so these are the named "
+            "run's records with the round times of this fleet: "
+            + "; ".join(f"{_cell_name(r.cell)} from `{r.summary['retimed_from']}`" for r in retimed)
             + ".",
             "",
         ]

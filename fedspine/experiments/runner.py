@@ -89,10 +89,15 @@ def run_cells(
     ``reused_from`` and results.md lists it. A run's numbers follow from its config and seed, so
     the copy is what a rerun would give, for none of the compute. Cells of this call whose configs
     are identical (an unpruned ceiling that ignores a sweep's arm grid, say) run once the same way."""
+    from fedspine.fl.retime import timing_free_key
     from fedspine.fl.simulator import run_in_dir
 
     out = Path(out)
     elsewhere = finished_runs(reuse) if reuse else {}
+    # Finished runs of strategies that never read the clock, by their config without the fleet's
+    # timing fields: a cell that differs from one only there is retimed, not trained (fl.retime).
+    retimable = {timing_free_key(json.loads(k)): p for k, p in elsewhere.items()}
+    worlds: dict[str, Any] = {}  # model section -> a World, for the time model's shapes
     results = []
     for i, cell in enumerate(cells, 1):
         run_dir = cell.run_dir(out)
@@ -115,10 +120,12 @@ def run_cells(
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
             print(f"{label}: same config finished in {source}; copied", flush=True)
             have = want
+        if have is None and source is None and (moved := retimable.get(timing_free_key(want))) is not None:
+            have = _retimed(cell, moved, run_dir, label, worlds)
         if have is not None and (run_dir / "summary.json").exists():
             print(f"{label}: done before, read back", flush=True)
             results.append(_read_back(cell, run_dir))
-            elsewhere.setdefault(_config_key(want), run_dir)
+            _remember(elsewhere, retimable, want, run_dir)
             continue
         resume = (run_dir / "checkpoint").exists()
         print(f"{label}: {'resuming' if resume else 'running'} -> {run_dir}", flush=True)
@@ -138,8 +145,46 @@ def run_cells(
             flush=True,
         )
         results.append(CellResult(cell, res.records, res.summary))
-        elsewhere.setdefault(_config_key(want), run_dir)
+        _remember(elsewhere, retimable, want, run_dir)
     return results
+
+
+def _remember(elsewhere: dict[str, Path], retimable: dict[str, Path], config: Any, run_dir: Path) -> None:
+    from fedspine.fl.retime import timing_free_key
+
+    elsewhere.setdefault(_config_key(config), run_dir)
+    retimable.setdefault(timing_free_key(config), run_dir)
+
+
+def _retimed(cell: Cell, source: Path, run_dir: Path, label: str, worlds: dict[str, Any]) -> Any:
+    """Write ``cell``'s run as ``source``'s retimed onto the cell's fleet (``fedspine.fl.retime``)
+    and return its config, or None (and say why) when it cannot be retimed: the cell then runs."""
+    from fedspine.config import config_from_mapping
+    from fedspine.fl.retime import RetimeError, retime, retime_summary
+    from fedspine.logging import read_metrics, write_atomic
+
+    if not _same_defaults(cell, source):
+        return None
+    from fedspine.fl.world import World
+
+    model = json.dumps(_wanted(cell)["model"], sort_keys=True)
+    try:
+        ran = config_from_mapping(_read_json(source / "config.json"))
+        if model not in worlds:
+            worlds[model] = World.build(cell.cfg)
+        records = retime(read_metrics(source), ran, cell.cfg, world=worlds[model])
+    except RetimeError as exc:
+        print(f"{label}: not retimed from {source}: {exc}", flush=True)
+        return None
+    summary = retime_summary(records, _read_json(source / "summary.json"), cell.cfg)
+    summary.pop("reused_from", None)
+    summary["retimed_from"] = source.as_posix()
+    run_dir.mkdir(parents=True, exist_ok=True)  # the summary last: a run is finished once it exists
+    write_atomic(run_dir / "config.json", json.dumps(_wanted(cell), indent=2, default=str))
+    write_atomic(run_dir / "metrics.jsonl", "".join(json.dumps(r, default=float) + "\n" for r in records))
+    write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2, default=float))
+    print(f"{label}: the same training finished in {source} on another fleet; retimed", flush=True)
+    return _wanted(cell)
 
 
 def _read_json(path: Path) -> Any:

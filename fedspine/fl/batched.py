@@ -61,7 +61,7 @@ from fedspine.lora.adapters import ALPHA_PER_RANK
 from fedspine.lora.coords import LORA_A, LORA_B, split_key
 from fedspine.pruning.arch import Family
 from fedspine.pruning.index_map import KeptIndexMap
-from fedspine.pruning.iterative import LORA_GRADIENT, UNIT_AXIS, cubic_targets
+from fedspine.pruning.iterative import LORA_GRADIENT, UNIT_AXIS, round_interval, round_targets
 from fedspine.pruning.lora_grad import LoRAGradientImportance, lora_element_scores
 from fedspine.pruning.structured import UnitScores, plan_counts, select_units
 
@@ -449,9 +449,8 @@ class BatchedTrainer:
         return out
 
     def _device(self, ins: TrainIns, kept: KeptIndexMap, data: LocalData, cfg: ClientConfig) -> _Device:
-        interval = max(1, min(cfg.prune_interval, cfg.local_steps))
         start = kept.sparsity(self.family.mlp_matrices)
-        targets = cubic_targets(start, ins.ratio, cfg.local_steps // interval)
+        targets = round_targets(start, ins.ratio, cfg.prune_interval, cfg.local_steps)
         counts = self._counts(kept)
         scored = any(
             (p.keep_heads, p.keep_channels) != counts
@@ -649,7 +648,7 @@ class BatchedTrainer:
 
     def _train_steps(self, devs: list[_Device], ps: _Pass, cfg: ClientConfig) -> None:
         steps = cfg.local_steps
-        interval = max(1, min(cfg.prune_interval, steps))
+        interval = round_interval(cfg.prune_interval, steps)
         for d in devs:
             gen = torch.Generator().manual_seed(step_seed(d.ins.seed, d.ins.device_id, d.ins.round))
             d.batches = d.data.batches(gen)

@@ -22,7 +22,7 @@ from fedspine.lora.adapters import ALPHA_PER_RANK, attach, detach, extract, load
 from fedspine.lora.coords import LORA_A, LORA_B, split_key
 from fedspine.pruning.arch import module_slices
 from fedspine.pruning.index_map import KeptIndexMap
-from fedspine.pruning.iterative import PruneAndTune, PruneSchedule
+from fedspine.pruning.iterative import PruneAndTune, PruneSchedule, round_interval
 
 Batch = dict[str, torch.Tensor]
 
@@ -97,7 +97,7 @@ def _client_step(
 
     steps = cfg.local_steps
     # At least one prune per round when the target asks for more than the device has (ours).
-    interval = max(1, min(cfg.prune_interval, steps))
+    interval = round_interval(cfg.prune_interval, steps)
     tuner = PruneAndTune(
         peft_model,
         state.kept_map,

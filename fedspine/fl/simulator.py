@@ -64,6 +64,22 @@ class RunResult:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
+def workload(cfg: RunConfig, world: World, rank: int, *, lm_head: bool | None = None) -> Workload:
+    """What one round of ``cfg`` asks of a device at LoRA rank ``rank``, besides its kept widths.
+    The time model counts the vocabulary-sized output layer (``lm_head``) only for a causal LM
+    unless told otherwise."""
+    t = cfg.train
+    return Workload(
+        lora_rank=rank,
+        steps=t.local_steps,
+        batch=t.batch_size,
+        seq_len=cfg.model.max_length,
+        vocab_size=int(world.model0.config.vocab_size),
+        mlp_matrices=world.family.mlp_matrices,
+        lm_head=world.task.lm_head if lm_head is None else lm_head,
+    )
+
+
 class Simulation:
     """The server side of a run, from a validated ``RunConfig``, and its rounds. ``world`` is
     built from the config unless given; ``runner`` (default: ``InProcessRunner``) runs the client
@@ -141,19 +157,10 @@ class Simulation:
         return self.cfg.server.deadline_factor * max(expected.values(), default=0.0)
 
     def work(self, kept: KeptIndexMap | None, ratio: float, rank: int):
-        t, m = self.cfg.train, self.cfg.model
-        load = Workload(
-            lora_rank=rank,
-            steps=t.local_steps,
-            batch=t.batch_size,
-            seq_len=m.max_length,
-            vocab_size=int(self.world.model0.config.vocab_size),
-            mlp_matrices=self.world.family.mlp_matrices,
-            lm_head=self.lm_head,
-        )
+        load = workload(self.cfg, self.world, rank, lm_head=self.lm_head)
         if kept is not None:
             return round_work_for_map(kept, load)
-        return round_work_for_ratio(self.world.shape, ratio, load, round_to=t.round_to)
+        return round_work_for_ratio(self.world.shape, ratio, load, round_to=self.cfg.train.round_to)
 
     def run_round(self) -> dict[str, Any]:
         """One round; the client steps run wherever the runner sends them.
@@ -588,4 +595,5 @@ __all__ = [
     "run_in_dir",
     "summarize",
     "time_to_target",
+    "workload",
 ]

@@ -148,6 +148,9 @@ class ArmAssigner:
     name: ClassVar[str]
     aggregation: ClassVar[str]  # a rule of fedspine.lora.aggregate.AGGREGATORS
     prunes: ClassVar[bool] = True
+    # Whether what it assigns depends on the round times it observes. A run of a strategy that
+    # does not can be retimed onto another fleet (fedspine.fl.retime) instead of trained again.
+    reads_clock: ClassVar[bool] = False
     Params: ClassVar[type] = NoParams
 
     def __init__(self, ctx: StrategyContext):
@@ -199,6 +202,7 @@ class FedSpine(ArmAssigner):
 
     name = "fedspine"
     aggregation = "zero-pad"
+    reads_clock = True
     Params = FedSpineParams
 
     def __init__(self, ctx: StrategyContext):

@@ -32,6 +32,20 @@ from fedspine.pruning.structured import prune_model
 from fedspine.seeds import Seeds
 
 
+def fleet_profiles(cfg: RunConfig) -> dict[str, DeviceProfile]:
+    """Device id -> profile of ``cfg``'s fleet: a pure function of the ``fleet`` section and the
+    seed's fleet stream, with no model or data (the retiming of a run needs two fleets)."""
+    f = cfg.fleet
+    profiles = paper_fleet(
+        f.devices,
+        seed=Seeds(cfg.seed).integer("fleet"),
+        spread=f.spread,
+        link=scaled_link(f.link_scale),
+        compute_spread=f.compute_spread,
+    )
+    return {f"d{i:03d}": p for i, p in enumerate(profiles)}
+
+
 @dataclass(frozen=True)
 class World:
     cfg: RunConfig
@@ -75,14 +89,8 @@ class World:
             model0, _ = build_model(cfg.model.name, data.num_labels, seed=seeds.integer("model"), task=task)
         if cfg.data.max_test is not None:
             data.test = {k: v[: cfg.data.max_test] for k, v in data.test.items()}
-        device_ids = [f"d{i:03d}" for i in range(cfg.fleet.devices)]
-        profiles = paper_fleet(
-            cfg.fleet.devices,
-            seed=seeds.integer("fleet"),
-            spread=cfg.fleet.spread,
-            link=scaled_link(cfg.fleet.link_scale),
-            compute_spread=cfg.fleet.compute_spread,
-        )
+        fleet = fleet_profiles(cfg)
+        device_ids, profiles = list(fleet), list(fleet.values())
         labels = data.partition_labels()  # causal LM: topics stand in for labels
         d = cfg.data
         try:
@@ -218,4 +226,11 @@ def rebuild_local_state(
     return LocalState(model, kept, applied)
 
 
-__all__ = ["World", "check_data", "check_model", "narrowest_lora_layer", "rebuild_local_state"]
+__all__ = [
+    "World",
+    "check_data",
+    "check_model",
+    "fleet_profiles",
+    "narrowest_lora_layer",
+    "rebuild_local_state",
+]

@@ -24,7 +24,7 @@ from torch import nn
 from fedspine.lora.adapters import adapter_config, detach, load, reattach
 from fedspine.lora.coords import project
 from fedspine.pruning.arch import arch_shape, family_of, module_slices
-from fedspine.pruning.index_map import KeptIndexMap
+from fedspine.pruning.index_map import KeptIndexMap, plan_kept_counts
 from fedspine.pruning.lora_grad import LoRAGradientImportance
 from fedspine.pruning.structured import (
     IMPORTANCE,
@@ -77,6 +77,30 @@ def cubic_targets(start: float, target: float, events: int) -> list[float]:
     return [target - (target - start) * (1.0 - k / events) ** 3 for k in range(1, events + 1)]
 
 
+def round_interval(prune_interval: int, steps: int) -> int:
+    """Local steps between prunes in a round of ``steps``: ``prune_interval``, but at least one
+    prune a round when the target asks for more than the device has (ours)."""
+    return max(1, min(prune_interval, steps))
+
+
+def round_targets(start: float, target: float, prune_interval: int, steps: int) -> list[float]:
+    """The ratios a round of ``steps`` local steps prunes to, in order (one per interval)."""
+    return cubic_targets(start, target, steps // round_interval(prune_interval, steps))
+
+
+def kept_after_round(
+    kept_map: KeptIndexMap, ratio: float, *, prune_interval: int, steps: int, round_to: int, mlp_matrices: int
+) -> KeptIndexMap:
+    """The kept counts a round of ``PruneAndTune`` toward ``ratio`` leaves, from ``kept_map``, as a
+    map that keeps the first units (which units survive depends on the importance; how many, all
+    the time model needs, does not)."""
+    full = KeptIndexMap.full(kept_map.shape)
+    for r in round_targets(kept_map.sparsity(mlp_matrices), ratio, prune_interval, steps):
+        heads, chans = plan_kept_counts(kept_map, r, round_to=round_to, mlp_matrices=mlp_matrices)
+        kept_map = full.compose([(range(heads), range(chans))] * kept_map.shape.num_layers)
+    return kept_map
+
+
 class PruneAndTune:
     """Owns a device's LoRA-wrapped model during local training and prunes it on schedule.
 
@@ -126,8 +150,7 @@ class PruneAndTune:
         self.family = family_of(self.hf_model)
         self._check_layout(rank, alpha, targets)
         start = kept_map.sparsity(self.family.mlp_matrices)
-        events = total_steps // schedule.prune_interval
-        self._targets = cubic_targets(start, schedule.target_ratio, events)
+        self._targets = round_targets(start, schedule.target_ratio, schedule.prune_interval, total_steps)
         self.importance = LoRAGradientImportance(beta=schedule.beta)
         self.steps = 0
         self.prunes = 0

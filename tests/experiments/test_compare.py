@@ -314,6 +314,39 @@ def test_identical_cells_of_one_call_run_once(tmp_path, capsys):
     assert first.summary["final_accuracy"] == second.summary["final_accuracy"]
 
 
+@pytest.mark.slow
+def test_a_baseline_on_another_fleet_is_retimed_not_trained(tmp_path, monkeypatch, capsys):
+    """A fleet sweep trains each baseline once: a cell that differs from a finished run only in
+    the fleet's timing is retimed (``fedspine.fl.retime``); FedSpine, which reads the clock, runs."""
+    spec = write_spec(tmp_path, groups={"ours": {}, "slow link": {"fleet.link_scale": 0.1}})
+    cells = plan(load_experiment(spec), seeds=1)
+    pick = {(c.group, c.variant): c for c in cells}
+    (ours,) = run_cells([pick["ours", "fedavg"]], tmp_path / "out")
+
+    import fedspine.fl.simulator as simulator
+
+    def no_training(*a, **k):
+        raise AssertionError("a retimed run must not train")
+
+    monkeypatch.setattr(simulator, "run", no_training)
+    (slow,) = run_cells([pick["slow link", "fedavg"]], tmp_path / "out", reuse=[tmp_path / "out"])
+    assert slow.summary["retimed_from"] == pick["ours", "fedavg"].run_dir(tmp_path / "out").as_posix()
+    assert "retimed" in capsys.readouterr().out
+    accuracies = lambda r: [x["accuracy"] for x in r.records]  # noqa: E731
+    assert accuracies(slow) == accuracies(ours)
+    assert slow.summary["clock_s"] > 2 * ours.summary["clock_s"]  # a tenth of the link: mostly transfer
+    assert json.loads((pick["slow link", "fedavg"].run_dir(tmp_path / "out") / "config.json").read_text())[
+        "fleet"
+    ]["link_scale"] == pytest.approx(0.1)
+    with pytest.raises(AssertionError, match="must not train"):
+        run_cells([pick["slow link", "fedspine"]], tmp_path / "out", reuse=[tmp_path / "out"])
+    monkeypatch.undo()
+    capsys.readouterr()
+    args = ["--config", str(spec), "--seeds", "1", "--no-figures", "--out", str(tmp_path / "out")]
+    assert compare_main([*args, "--partial", "--variants", "fedavg"]) == 0
+    assert "Runs retimed, not trained" in (tmp_path / "out" / "results.md").read_text()
+
+
 def test_results_md_says_when_its_runs_came_from_different_code():
     from fedspine.experiments.report import _code_note
 
