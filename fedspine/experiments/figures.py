@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from fedspine.experiments.runner import CellResult
-from fedspine.experiments.spec import Experiment, slug
+from fedspine.experiments.spec import Experiment, Sweep, slug
 
 
 def make_figures(exp: Experiment, results: Sequence[CellResult], out: Path) -> dict[str, dict[str, Path]]:
@@ -146,6 +146,50 @@ def make_figures(exp: Experiment, results: Sequence[CellResult], out: Path) -> d
     return made
 
 
+def sweep_figure(reference: str, points: Sequence[Any], sweep: Sweep, fig_dir: Path) -> Path:
+    """Along one sweep: every variant's sustained time to target (left; hollow where it is a mean
+    over the seeds that reached it only) and the reference's paired speed-up over each (right,
+    95% interval; hollow where some seed's ratio is a lower bound).
+    ``points`` are ``fedspine.experiments.report.SweepPoint``s."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    variants = list(dict.fromkeys([reference, *(p.variant.split(" (")[0] for p in points)]))
+    for i, v in enumerate(variants):
+        mine = [p for p in points if p.variant.split(" (")[0] == v]
+        style = dict(color=plt.cm.tab10(i % 10), marker="o", lw=2.2 if v == reference else 1.0, label=v)
+        timed = [p for p in mine if p.time_s is not None]
+        if timed:
+            a1.plot([p.value for p in timed], [p.time_s for p in timed], **style)
+            part = [(p.value, p.time_s) for p in timed if p.reached < p.seeds]
+            if part:  # a mean over the seeds that reached the target only
+                edge = style["color"]
+                a1.scatter(*zip(*part, strict=True), s=60, facecolors="white", edgecolors=edge, zorder=3)
+        fast = [p for p in mine if p.speedup is not None]
+        if fast:
+            ys = np.array([p.speedup for p in fast])
+            bounds = np.array([p.interval or (p.speedup, p.speedup) for p in fast])
+            err = np.stack([ys - bounds[:, 0], bounds[:, 1] - ys])
+            a2.errorbar([p.value for p in fast], ys, yerr=err, capsize=3, **style)
+            hollow = [(p.value, p.speedup) for p in fast if p.lower_bound]
+            if hollow:
+                edge = style["color"]
+                a2.scatter(*zip(*hollow, strict=True), s=60, facecolors="white", edgecolors=edge, zorder=3)
+    a2.axhline(1.0, color="grey", ls="--", lw=0.8)
+    for a in (a1, a2):
+        if sweep.log:
+            a.set_xscale("log")
+        a.set_xlabel(sweep.label)
+    a1.set(ylabel="sustained time to target (s, sim.)", title="time to target (hollow: not every seed)")
+    a2.set(ylabel=f"{reference}'s speed-up over the variant", title="paired speed-up (hollow: a lower bound)")
+    a1.legend(fontsize=7)
+    return _save(fig, fig_dir / f"sweep_{slug(sweep.field)}.png")
+
+
 def _save(fig: Any, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
@@ -155,4 +199,4 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
-__all__ = ["make_figures"]
+__all__ = ["make_figures", "sweep_figure"]

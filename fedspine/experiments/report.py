@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from fedspine.experiments.figures import make_figures
+from fedspine.experiments.figures import make_figures, sweep_figure
 from fedspine.experiments.runner import CellResult
-from fedspine.experiments.spec import Cell, Experiment
+from fedspine.experiments.spec import Cell, Experiment, Sweep
 from fedspine.fl.simulator import SUSTAIN_WINDOW, time_to_target
 
 
@@ -117,18 +117,14 @@ def sustained_time(result: CellResult) -> float | None:
     return time_to_target(result.records, result.cell.cfg.eval.target_accuracy, SUSTAIN_WINDOW)
 
 
-def speedup(
+def paired_ratios(
     baseline: Sequence[CellResult],
     reference: Mapping[int, CellResult],
     metric: Callable[[CellResult], float | None] = first_crossing,
-) -> str:
-    """Reference's time-to-target speed-up over ``baseline``, seed by seed (paired), averaged;
-    with two or more seeds also the 95% bootstrap interval of that mean and every seed's ratio.
-    ``metric`` reads a run's time to target (the first crossing unless told otherwise).
-
-    A seed where the baseline never reached the target while the reference did counts as a
-    lower bound (the baseline's whole simulated time), marked ">"; seeds where the reference
-    did not reach it are left out (and counted in the note)."""
+) -> tuple[list[float], bool, int]:
+    """Per seed, the baseline's time to target over the reference's: (ratios, whether any is a
+    lower bound, seeds left out because the reference never reached the target). A seed where
+    only the baseline never reached it counts its whole simulated time (a lower bound)."""
     ratios, bound, missing = [], False, 0
     for b in baseline:
         r = reference.get(b.cell.seed)
@@ -140,6 +136,20 @@ def speedup(
         if t_b is None:
             t_b, bound = b.summary["clock_s"], True
         ratios.append(t_b / t_ref)
+    return ratios, bound, missing
+
+
+def speedup(
+    baseline: Sequence[CellResult],
+    reference: Mapping[int, CellResult],
+    metric: Callable[[CellResult], float | None] = first_crossing,
+) -> str:
+    """Reference's time-to-target speed-up over ``baseline``, seed by seed (paired), averaged;
+    with two or more seeds also the 95% bootstrap interval of that mean and every seed's ratio.
+    ``metric`` reads a run's time to target (the first crossing unless told otherwise); ">"
+    marks a lower bound and seeds the reference never reached are counted in a note
+    (``paired_ratios``)."""
+    ratios, bound, missing = paired_ratios(baseline, reference, metric)
     if not ratios:
         return "n/a (reference never reached the target)"
     text = ">" * bound + _mean_and_interval(ratios, ".2f", unit="x")
@@ -148,6 +158,90 @@ def speedup(
     if missing:
         text += f" ({len(ratios)} of {len(ratios) + missing} seeds)"
     return text
+
+
+@dataclass
+class SweepPoint:
+    """One variant at one point of a sweep (``Experiment.sweeps``), on the sustained time."""
+
+    group: str
+    value: float
+    variant: str  # "best fixed-prune (<its variant>)" for the sweep's best static arm there
+    time_s: float | None  # mean sustained time to target over the seeds that reached it
+    reached: int
+    seeds: int
+    speedup: float | None  # reference's mean paired speed-up over it (None for the reference)
+    interval: tuple[float, float] | None
+    lower_bound: bool
+
+
+def sweep_points(exp: Experiment, results: Sequence[CellResult], sweep: Sweep) -> list[SweepPoint]:
+    """Every variant along ``sweep``, a fixed-prune sweep replaced by its best arm at each point
+    (``best_of``: chosen per point, which favours the baseline)."""
+    tables = rows(results, exp.reference)
+    out = []
+    for group, value in sorted(exp.sweep_points(sweep).items(), key=lambda kv: kv[1]):
+        mine = [r for r in results if r.cell.group == group]
+        if not mine:
+            continue
+        ref = {r.cell.seed: r for r in mine if r.cell.variant == exp.reference}
+        best = best_of(tables.get(group, []), prefix="fixed-prune")
+        shown = [v for v in exp.variants if not v.startswith("fixed-prune")] + ([best] if best else [])
+        for v in shown:
+            rs = [r for r in mine if r.cell.variant == v]
+            if not rs:
+                continue
+            times = [t for t in (sustained_time(r) for r in rs) if t is not None]
+            label = v if v != best else f"best fixed-prune ({v})"
+            is_ref = v == exp.reference
+            ratios, bound, _ = ([], False, 0) if is_ref else paired_ratios(rs, ref, sustained_time)
+            out.append(
+                SweepPoint(
+                    group,
+                    value,
+                    label,
+                    float(np.mean(times)) if times else None,
+                    len(times),
+                    len(rs),
+                    float(np.mean(ratios)) if ratios else None,
+                    bootstrap_interval(ratios) if len(ratios) > 1 else None,
+                    bound,
+                )
+            )
+    return out
+
+
+def format_sweep(exp: Experiment, points: Sequence[SweepPoint], sweep: Sweep) -> str:
+    """A markdown table: one row per sweep value, the reference's sustained time and its
+    sustained speed-up over every other variant."""
+    values = list(dict.fromkeys(p.value for p in points))
+    others = list(dict.fromkeys(p.variant.split(" (")[0] for p in points if p.variant != exp.reference))
+    head = [sweep.label, f"{exp.reference}: sustained time (s, sim.)"] + [f"over {v}" for v in others]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for x in values:
+        at = {p.variant.split(" (")[0]: p for p in points if p.value == x}
+        ref = at.get(exp.reference)
+        cells = [f"{x:g}", _sweep_time(ref)]
+        for v in others:
+            p = at.get(v)
+            if p is None or p.speedup is None:
+                cells.append("–")
+                continue
+            text = ">" * p.lower_bound + f"{p.speedup:.2f}x"
+            if p.interval is not None:
+                text += f" [{p.interval[0]:.2f}, {p.interval[1]:.2f}]"
+            if v == "best fixed-prune":
+                text += f" ({p.variant.split('(')[1].rstrip(')')})"
+            cells.append(text)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _sweep_time(p: SweepPoint | None) -> str:
+    if p is None or p.time_s is None:
+        return "–" if p is None else f"never ({p.seeds} seeds)"
+    note = f" ({p.reached}/{p.seeds} seeds)" if p.reached < p.seeds else ""
+    return f"{p.time_s:.1f}{note}"
 
 
 def final_accuracy(result: CellResult) -> float | None:
@@ -431,6 +525,23 @@ def write_results(
             md += [f"![{kind}]({path.relative_to(out).as_posix()})", ""]
     for kind, path in figs.get("*", {}).items():
         md += [f"![{kind}]({path.relative_to(out).as_posix()})", ""]
+    for sweep in exp.sweeps:
+        points = sweep_points(exp, results, sweep)
+        if not points:
+            continue
+        md += [
+            f"## Along {sweep.label} (`{sweep.field}`)",
+            "",
+            f"`{exp.reference}`'s sustained time to target and its paired sustained speed-up over each "
+            "variant (mean over seeds, 95% bootstrap interval; > = a lower bound), at every point of the "
+            "sweep; the fixed-prune sweep is represented by its best ratio at each point.",
+            "",
+            format_sweep(exp, points, sweep),
+            "",
+        ]
+        if figures:
+            fig = sweep_figure(exp.reference, points, sweep, out / "figures")
+            md += [f"![along {sweep.field}]({fig.relative_to(out).as_posix()})", ""]
     tiers = arms_per_tier(results)
     if tiers:
         md += [tiers, ""]

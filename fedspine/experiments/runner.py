@@ -88,9 +88,12 @@ def run_cells(
     experiment's results, say) is copied from there instead of run again; its summary records
     ``reused_from`` and results.md lists it. A run's numbers follow from its config and seed, so
     the copy is what a rerun would give, for none of the compute. Cells of this call whose configs
-    are identical (an unpruned ceiling that ignores a sweep's arm grid, say) run once the same way."""
+    are identical (an unpruned ceiling that ignores a sweep's arm grid, say) run once the same way.
+    A cell of a strategy that never reads the clock, whose config differs from a finished run's
+    only in the fleet's timing, is retimed from it (``fedspine.fl.retime``; ``retimed_from``)."""
     from fedspine.fl.retime import timing_free_key
     from fedspine.fl.simulator import run_in_dir
+    from fedspine.fl.strategies import STRATEGIES
 
     out = Path(out)
     elsewhere = finished_runs(reuse) if reuse else {}
@@ -120,7 +123,9 @@ def run_cells(
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
             print(f"{label}: same config finished in {source}; copied", flush=True)
             have = want
-        if have is None and source is None and (moved := retimable.get(timing_free_key(want))) is not None:
+        blind = not STRATEGIES[cell.cfg.strategy.name].reads_clock
+        moved = retimable.get(timing_free_key(want)) if blind else None
+        if have is None and source is None and moved is not None:
             have = _retimed(cell, moved, run_dir, label, worlds)
         if have is not None and (run_dir / "summary.json").exists():
             print(f"{label}: done before, read back", flush=True)

@@ -18,6 +18,12 @@ A spec is a YAML file with two sections: ``run`` (an ordinary run config, the sh
           per_variant: {fixed-prune: {strategy.params: {ratio: 0.4}}}
       sizes:                         # named overrides; "full" is the run config as written
         smoke: {model.name: tiny-bert, data.source: synthetic}
+      sweeps:                        # optional: groups that set one field are points on an axis
+        fleet.link_scale: {label: link bandwidth (x Wi-Fi), default: 1.0, log: true}
+
+A sweep's points are the groups that override only its field, plus the groups that override
+nothing (at ``default``, the value the run config stands for); results.md gets a table and a
+figure of the reference's speed-up along it.
 
 ``plan`` turns a spec into cells (group x seed x variant), each with its validated run config
 and its own run directory. Same seed across variants means the same partition, fleet and jitter
@@ -39,6 +45,16 @@ FULL = "full"
 
 
 @dataclass(frozen=True)
+class Sweep:
+    """An axis through the groups (``Experiment.sweeps``): ``field`` is a dotted config field."""
+
+    field: str
+    label: str
+    default: float
+    log: bool = False
+
+
+@dataclass(frozen=True)
 class Experiment:
     name: str
     title: str
@@ -50,9 +66,21 @@ class Experiment:
     groups: dict[str, dict[str, Any]] = field(default_factory=lambda: {"": {}})
     sizes: dict[str, dict[str, Any]] = field(default_factory=dict)
     source: str = ""
+    sweeps: tuple[Sweep, ...] = ()
 
     def size_names(self) -> list[str]:
         return [FULL, *sorted(self.sizes)]
+
+    def sweep_points(self, sweep: Sweep) -> dict[str, float]:
+        """Group -> the sweep's value there, in spec order."""
+        points = {}
+        for group, overrides in self.groups.items():
+            shared = {k: v for k, v in overrides.items() if k != "per_variant"}
+            if not shared:
+                points[group] = sweep.default
+            elif set(shared) == {sweep.field}:
+                points[group] = float(shared[sweep.field])
+        return points
 
     def config(self, *, size: str, group: str, variant: str, seed: int) -> RunConfig:
         """The run config of one cell: run section < size < group < variant < the group's
@@ -90,7 +118,7 @@ def load_experiment(path: str | Path) -> Experiment:
     if not isinstance(raw, dict) or set(raw) != {"experiment", "run"}:
         raise ValueError(f"{p}: an experiment file has exactly two sections, 'experiment' and 'run'")
     e = dict(raw["experiment"])
-    allowed = {"name", "title", "about", "reference", "seeds", "variants", "groups", "sizes"}
+    allowed = {"name", "title", "about", "reference", "seeds", "variants", "groups", "sizes", "sweeps"}
     unknown = sorted(set(e) - allowed)
     if unknown:
         raise ValueError(f"{p}: unknown experiment field(s) {unknown}; allowed: {sorted(allowed)}")
@@ -113,7 +141,14 @@ def load_experiment(path: str | Path) -> Experiment:
         groups=_overrides_table(e.get("groups") or {"": {}}, f"{p}: experiment.groups"),
         sizes=_overrides_table(e.get("sizes") or {}, f"{p}: experiment.sizes", allow_empty=True),
         source=str(p),
+        sweeps=_sweeps(e.get("sweeps") or {}, f"{p}: experiment.sweeps"),
     )
+    for sw in exp.sweeps:
+        if len(exp.sweep_points(sw)) < 2:
+            raise ValueError(
+                f"{p}: experiment.sweeps.{sw.field}: needs at least two groups on it (groups that set only "
+                f"{sw.field}, or nothing), got {sorted(exp.sweep_points(sw))}"
+            )
     if exp.seeds < 1:
         raise ValueError(f"{p}: experiment.seeds must be >= 1, got {exp.seeds}")
     for group, overrides in exp.groups.items():
@@ -136,6 +171,22 @@ def load_experiment(path: str | Path) -> Experiment:
                     )
                     raise ValueError(f"{p}: {where}: {exc}") from None
     return exp
+
+
+def _sweeps(raw: Any, where: str) -> tuple[Sweep, ...]:
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where} must map a config field to {{label, default, log}}, got {raw!r}")
+    out = []
+    for name, body in raw.items():
+        body = body or {}
+        extra = sorted(set(body) - {"label", "default", "log"}) if isinstance(body, dict) else None
+        if extra is None or extra or not isinstance(body.get("default"), int | float):
+            raise ValueError(
+                f"{where}.{name} must be {{label, default: <number>, log: <bool>}}, got {body!r}"
+            )
+        label = str(body.get("label", name))
+        out.append(Sweep(str(name), label, float(body["default"]), bool(body.get("log"))))
+    return tuple(out)
 
 
 def _overrides_table(raw: Any, where: str, *, allow_empty: bool = False) -> dict[str, dict[str, Any]]:
@@ -169,4 +220,4 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._=-]+", "_", text).strip("_")
 
 
-__all__ = ["FULL", "Cell", "Experiment", "load_experiment", "plan"]
+__all__ = ["FULL", "Cell", "Experiment", "Sweep", "load_experiment", "plan"]

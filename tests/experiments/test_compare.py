@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import yaml
 
@@ -122,6 +123,70 @@ def test_speedup_is_per_seed_with_a_bootstrap_interval_and_marks_lower_bounds():
     assert speedup([_result("b", 0, 5.0), _result("b", 1, 40.0)], ref_missing) == "2.00x (1 of 2 seeds)"
     table = rows([*ref.values(), _result("b", 0, 30.0), _result("b", 1, 20.0)], "fedspine")[""]
     assert [r.variant for r in table] == ["fedspine", "b"] and table[1].speedup.startswith("2.00x")
+
+
+def test_a_sweep_reads_its_points_off_the_groups_and_reports_the_speedup_along_them(tmp_path):
+    from types import SimpleNamespace
+
+    from fedspine.experiments.figures import sweep_figure
+    from fedspine.experiments.report import format_sweep, sweep_points
+
+    groups = {
+        "ours": {},
+        "slow": {"fleet.link_scale": 0.1},
+        "both": {"fleet.link_scale": 0.5, "train.lr": 0.1},
+    }
+    sweeps = {"fleet.link_scale": {"label": "link", "default": 1.0, "log": True}}
+    names = ("fedspine", "fedavg", "fixed-prune 0.1", "fixed-prune 0.5")
+    variants = {v: {"strategy.name": "fedspine" if v == "fedspine" else "fedavg-lora"} for v in names}
+    exp = load_experiment(write_spec(tmp_path, variants=variants, groups=groups, sweeps=sweeps))
+    (sweep,) = exp.sweeps
+    assert exp.sweep_points(sweep) == {"ours": 1.0, "slow": 0.1}  # "both" sets another field too
+    for bad, why in (
+        ({"train.lr": {"default": 1.0}}, "needs at least two groups on it"),
+        ({"fleet.link_scale": {"default": "one"}}, r"must be \{label, default: <number>"),
+    ):
+        with pytest.raises(ValueError, match=why):
+            load_experiment(write_spec(tmp_path, groups=groups, sweeps=bad))
+
+    def run(group, variant, seed, crossing):  # accuracy 0.6 before clock `crossing`, 0.8 from it
+        cfg = SimpleNamespace(eval=SimpleNamespace(target_accuracy=0.7))
+        records = [
+            {"round": i, "clock_s": float(i), "accuracy": 0.6 + 0.2 * (i >= crossing)} for i in range(1, 41)
+        ]
+        summary = {"time_to_target_s": float(crossing), "clock_s": 40.0, "rounds": 40, "final_accuracy": 0.8}
+        summary |= {"best_accuracy": 0.8, "bytes_total": 1.0, "mean_waiting_s": 0.0}
+        return CellResult(Cell(group, variant, seed, cfg), records, summary | {"final_mean_sparsity": 0.0})
+
+    # sustained (mean of three evaluations >= 0.7) = crossing + 1; fedspine: 7 s (ours), 17 s (slow)
+    crossings = {
+        "fedspine": (6, 16),
+        "fedavg": (18, 48),
+        "fixed-prune 0.1": (10, 40),
+        "fixed-prune 0.5": (14, 22),
+    }
+    results = [
+        run(g, v, seed, c[i] + (seed if v != "fedspine" else 0))
+        for v, c in crossings.items()
+        for i, g in enumerate(("ours", "slow"))
+        for seed in (0, 1)
+    ]
+    points = sweep_points(exp, results, sweep)
+    at = {(p.value, p.variant): p for p in points}
+    assert [p.value for p in points][0] == 0.1  # sorted along the axis
+    assert at[1.0, "fedspine"].time_s == 7.0 and at[1.0, "fedspine"].speedup is None
+    assert at[1.0, "fedavg"].speedup == pytest.approx(np.mean([19 / 7, 20 / 7]))
+    assert at[1.0, "best fixed-prune (fixed-prune 0.1)"].speedup == pytest.approx(np.mean([11 / 7, 12 / 7]))
+    slow = at[0.1, "best fixed-prune (fixed-prune 0.5)"]  # the best arm is chosen at each point
+    assert slow.speedup == pytest.approx(np.mean([23 / 17, 24 / 17])) and not slow.lower_bound
+    assert at[0.1, "fedavg"].lower_bound and at[0.1, "fedavg"].speedup == pytest.approx(
+        40 / 17
+    )  # whole clock
+    lines = format_sweep(exp, points, sweep).splitlines()
+    assert lines[0] == "| link | fedspine: sustained time (s, sim.) | over fedavg | over best fixed-prune |"
+    assert lines[2].startswith("| 0.1 | 17.0 | >2.35x [2.35, 2.35] | 1.38x [1.35, 1.41] (fixed-prune 0.5) |")
+    assert lines[3].startswith("| 1 | 7.0 |") and lines[3].endswith("(fixed-prune 0.1) |")
+    assert sweep_figure("fedspine", points, sweep, tmp_path / "figures").exists()
 
 
 def test_accuracy_gaps_are_paired_by_seed_in_points_with_an_interval():
