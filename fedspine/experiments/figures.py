@@ -184,6 +184,7 @@ def sweep_figure(reference: str, points: Sequence[Any], sweep: Sweep, fig_dir: P
         if sweep.log:
             a.set_xscale("log")
         a.set_xlabel(sweep.label)
+    a1.set_yscale("log")
     a1.set(ylabel="sustained time to target (s, sim.)", title="time to target (hollow: not every seed)")
     a2.set(ylabel=f"{reference}'s speed-up over the variant", title="paired speed-up (hollow: a lower bound)")
     a1.legend(fontsize=7)
