@@ -382,10 +382,13 @@ def arms_per_tier(results: Sequence[CellResult], strategy: str = "fedspine") -> 
     """Mean pruning ratio / LoRA rank per device tier after warm-up, one row per run of a
     ``strategy`` variant (the arms it chose), and whether the ratios fall from the slowest tier to
     the fastest. Warm-up is the first third of the rounds (ours: the allocator has seen every
-    device's times by then). Tiers are ordered slowest first by their mean round time in the first
-    round, where every device runs the allocator's start arm; None when no such run has per-round
-    arms."""
-    lines = []
+    device's times by then). Each run's tiers are ranked slowest first by their mean round time in
+    its first round, where every device runs the allocator's start arm (on a fleet whose tiers are
+    equally fast that ranking, and so *ordered*, is arbitrary); the columns keep the first run's
+    order. None when no such run has per-round arms."""
+    lines: list[str] = []
+    columns: list[str] = []
+    grouped = any(r.cell.group for r in results)
     for r in results:
         if r.cell.cfg.strategy.name != strategy:
             continue
@@ -408,16 +411,19 @@ def arms_per_tier(results: Sequence[CellResult], strategy: str = "fedspine") -> 
         means = [float(np.mean(ratio[t])) for t in tiers]
         ordered = all(a >= b for a, b in zip(means[:-1], means[1:], strict=True)) and means[0] > means[-1]
         if not lines:
+            columns = tiers
             lines = [
                 f"Arms per tier after warm-up (rounds {len(rounds) - len(after) + 1}-{len(rounds)}; "
                 "mean ratio / mean rank; *ordered*: the slowest tier prunes most and the fastest least):",
                 "",
-                "| variant | seed | " + " | ".join(tiers) + " | ordered |",
-                "|" + "---|" * (len(tiers) + 3),
+                "| " + "group | " * grouped + "variant | seed | " + " | ".join(columns) + " | ordered |",
+                "|" + "---|" * (len(columns) + 3 + grouped),
             ]
-        cells = [f"{m:.2f} / {np.mean(rank[t]):.1f}" for t, m in zip(tiers, means, strict=True)]
+        cells = [f"{np.mean(ratio[t]):.2f} / {np.mean(rank[t]):.1f}" if t in ratio else "–" for t in columns]
         lines.append(
-            f"| {r.cell.variant} | {r.cell.seed} | "
+            "| "
+            + f"{r.cell.group} | " * grouped
+            + f"{r.cell.variant} | {r.cell.seed} | "
             + " | ".join(cells)
             + f" | {'yes' if ordered else 'no'} |"
         )

@@ -243,19 +243,19 @@ def test_the_sustained_speedup_waits_for_a_mean_of_evaluations_at_the_target():
 def test_arms_per_tier_orders_tiers_by_speed_and_checks_the_pruning_order():
     from types import SimpleNamespace
 
-    def run(variant, strategy, arms_by_round):
+    def run(variant, strategy, arms_by_round, group="", times=(1.0, 3.0, 2.0)):
         tiers = {"a": "fast", "b": "slow", "c": "mid"}
         records = [
             {
                 "round": 1,
                 "arms": {d: [0.0, 4] for d in tiers},
                 "tiers": tiers,
-                "round_time_s": {"a": 1.0, "b": 3.0, "c": 2.0},
+                "round_time_s": dict(zip("abc", times, strict=True)),
             },
             *({"round": k + 2, "arms": arms, "tiers": tiers} for k, arms in enumerate(arms_by_round)),
         ]
         cfg = SimpleNamespace(strategy=SimpleNamespace(name=strategy))
-        return CellResult(Cell("", variant, 0, cfg), records, {})
+        return CellResult(Cell(group, variant, 0, cfg), records, {})
 
     good = {"a": [0.0, 8], "b": [0.5, 4], "c": [0.2, 4]}
     flipped = {"a": [0.5, 4], "b": [0.0, 8], "c": [0.2, 4]}
@@ -272,6 +272,12 @@ def test_arms_per_tier_orders_tiers_by_speed_and_checks_the_pruning_order():
     assert lines[4] == "| fedspine | 0 | 0.50 / 4.0 | 0.20 / 4.0 | 0.00 / 8.0 | yes |"
     assert lines[5].endswith("| no |") and len(lines) == 6  # the fixed-prune run is not listed
     assert arms_per_tier([run("f", "fixed-prune", [good])]) is None
+
+    # another group, whose fleet ranks the tiers otherwise: its cells stay under their own columns
+    other = run("fedspine", "fedspine", [flipped] * 5, group="fast b", times=(3.0, 1.0, 2.0))
+    lines = arms_per_tier([run("fedspine", "fedspine", [good] * 5, group="ours"), other]).splitlines()
+    assert lines[2] == "| group | variant | seed | slow | mid | fast | ordered |"
+    assert lines[5] == "| fast b | fedspine | 0 | 0.00 / 8.0 | 0.20 / 4.0 | 0.50 / 4.0 | yes |"
 
 
 def test_bootstrap_interval_covers_the_mean_and_stays_within_the_seeds():
