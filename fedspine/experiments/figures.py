@@ -158,9 +158,9 @@ def sweep_figure(reference: str, points: Sequence[Any], sweep: Sweep, fig_dir: P
 
     fig_dir.mkdir(parents=True, exist_ok=True)
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
-    variants = list(dict.fromkeys([reference, *(p.variant.split(" (")[0] for p in points)]))
-    for i, v in enumerate(variants):
-        mine = [p for p in points if p.variant.split(" (")[0] == v]
+    labels = list(dict.fromkeys([reference, *(p.label for p in points)]))
+    for i, v in enumerate(labels):
+        mine = [p for p in points if p.label == v]
         style = dict(color=plt.cm.tab10(i % 10), marker="o", lw=2.2 if v == reference else 1.0, label=v)
         timed = [p for p in mine if p.time_s is not None]
         if timed:

@@ -63,14 +63,21 @@ def rows(results: Sequence[CellResult], reference: str) -> dict[str, list[Row]]:
     return out
 
 
-def best_of(table: Sequence[Row], prefix: str) -> str | None:
+def best_of(table: Sequence[Row], prefix: str, *, sustained: bool = False) -> str | None:
     """The strongest of a static baseline's sweep (variants named ``prefix...``; at least two):
-    reached the target on the most seeds, then sooner, then more accurate. Chosen on the same
-    seeds it is compared on, which favours the baseline."""
+    reached the target on the most seeds, then sooner, then more accurate, on the first crossing
+    or (``sustained``) on the sustained time. Chosen on the same seeds it is compared on, which
+    favours the baseline."""
     sweep = [r for r in table if r.variant.startswith(prefix)]
     if len(sweep) < 2:
         return None
-    key = lambda r: (-r.reached, r.time_to_target_s or math.inf, -r.final_accuracy[0])  # noqa: E731
+
+    def key(r: Row) -> tuple[float, float, float]:
+        reached, t = (
+            (r.sustained_reached, r.sustained_time_s) if sustained else (r.reached, r.time_to_target_s)
+        )
+        return -reached, t or math.inf, -r.final_accuracy[0]
+
     return min(sweep, key=key).variant
 
 
@@ -166,7 +173,8 @@ class SweepPoint:
 
     group: str
     value: float
-    variant: str  # "best fixed-prune (<its variant>)" for the sweep's best static arm there
+    label: str  # the variant, or "best fixed-prune" for the fixed-prune sweep's best arm there
+    variant: str
     time_s: float | None  # mean sustained time to target over the seeds that reached it
     reached: int
     seeds: int
@@ -177,7 +185,8 @@ class SweepPoint:
 
 def sweep_points(exp: Experiment, results: Sequence[CellResult], sweep: Sweep) -> list[SweepPoint]:
     """Every variant along ``sweep``, a fixed-prune sweep replaced by its best arm at each point
-    (``best_of``: chosen per point, which favours the baseline)."""
+    (``best_of`` on the sustained time, the reading reported here: chosen per point, which
+    favours the baseline)."""
     tables = rows(results, exp.reference)
     out = []
     for group, value in sorted(exp.sweep_points(sweep).items(), key=lambda kv: kv[1]):
@@ -185,14 +194,14 @@ def sweep_points(exp: Experiment, results: Sequence[CellResult], sweep: Sweep) -
         if not mine:
             continue
         ref = {r.cell.seed: r for r in mine if r.cell.variant == exp.reference}
-        best = best_of(tables.get(group, []), prefix="fixed-prune")
+        best = best_of(tables.get(group, []), prefix="fixed-prune", sustained=True)
         shown = [v for v in exp.variants if not v.startswith("fixed-prune")] + ([best] if best else [])
         for v in shown:
             rs = [r for r in mine if r.cell.variant == v]
             if not rs:
                 continue
             times = [t for t in (sustained_time(r) for r in rs) if t is not None]
-            label = v if v != best else f"best fixed-prune ({v})"
+            label = "best fixed-prune" if v == best else v
             is_ref = v == exp.reference
             ratios, bound, _ = ([], False, 0) if is_ref else paired_ratios(rs, ref, sustained_time)
             out.append(
@@ -200,6 +209,7 @@ def sweep_points(exp: Experiment, results: Sequence[CellResult], sweep: Sweep) -
                     group,
                     value,
                     label,
+                    v,
                     float(np.mean(times)) if times else None,
                     len(times),
                     len(rs),
@@ -215,13 +225,12 @@ def format_sweep(exp: Experiment, points: Sequence[SweepPoint], sweep: Sweep) ->
     """A markdown table: one row per sweep value, the reference's sustained time and its
     sustained speed-up over every other variant."""
     values = list(dict.fromkeys(p.value for p in points))
-    others = list(dict.fromkeys(p.variant.split(" (")[0] for p in points if p.variant != exp.reference))
+    others = list(dict.fromkeys(p.label for p in points if p.label != exp.reference))
     head = [sweep.label, f"{exp.reference}: sustained time (s, sim.)"] + [f"over {v}" for v in others]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for x in values:
-        at = {p.variant.split(" (")[0]: p for p in points if p.value == x}
-        ref = at.get(exp.reference)
-        cells = [f"{x:g}", _sweep_time(ref)]
+        at = {p.label: p for p in points if p.value == x}
+        cells = [f"{x:g}", _sweep_time(at.get(exp.reference))]
         for v in others:
             p = at.get(v)
             if p is None or p.speedup is None:
@@ -230,8 +239,8 @@ def format_sweep(exp: Experiment, points: Sequence[SweepPoint], sweep: Sweep) ->
             text = ">" * p.lower_bound + f"{p.speedup:.2f}x"
             if p.interval is not None:
                 text += f" [{p.interval[0]:.2f}, {p.interval[1]:.2f}]"
-            if v == "best fixed-prune":
-                text += f" ({p.variant.split('(')[1].rstrip(')')})"
+            if p.label != p.variant:
+                text += f" ({p.variant})"
             cells.append(text)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -166,12 +166,11 @@ def _retimed(cell: Cell, source: Path, run_dir: Path, label: str, worlds: dict[s
     and return its config, or None (and say why) when it cannot be retimed: the cell then runs."""
     from fedspine.config import config_from_mapping
     from fedspine.fl.retime import RetimeError, retime, retime_summary
+    from fedspine.fl.world import World
     from fedspine.logging import read_metrics, write_atomic
 
     if not _same_defaults(cell, source):
         return None
-    from fedspine.fl.world import World
-
     model = json.dumps(_wanted(cell)["model"], sort_keys=True)
     try:
         ran = config_from_mapping(_read_json(source / "config.json"))

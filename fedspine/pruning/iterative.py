@@ -150,7 +150,8 @@ class PruneAndTune:
         self.family = family_of(self.hf_model)
         self._check_layout(rank, alpha, targets)
         start = kept_map.sparsity(self.family.mlp_matrices)
-        self._targets = round_targets(start, schedule.target_ratio, schedule.prune_interval, total_steps)
+        events = total_steps // schedule.prune_interval  # the caller clamps the interval (round_interval)
+        self._targets = cubic_targets(start, schedule.target_ratio, events)
         self.importance = LoRAGradientImportance(beta=schedule.beta)
         self.steps = 0
         self.prunes = 0

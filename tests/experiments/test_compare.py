@@ -172,12 +172,13 @@ def test_a_sweep_reads_its_points_off_the_groups_and_reports_the_speedup_along_t
         for seed in (0, 1)
     ]
     points = sweep_points(exp, results, sweep)
-    at = {(p.value, p.variant): p for p in points}
+    at = {(p.value, p.label): p for p in points}
     assert [p.value for p in points][0] == 0.1  # sorted along the axis
     assert at[1.0, "fedspine"].time_s == 7.0 and at[1.0, "fedspine"].speedup is None
     assert at[1.0, "fedavg"].speedup == pytest.approx(np.mean([19 / 7, 20 / 7]))
-    assert at[1.0, "best fixed-prune (fixed-prune 0.1)"].speedup == pytest.approx(np.mean([11 / 7, 12 / 7]))
-    slow = at[0.1, "best fixed-prune (fixed-prune 0.5)"]  # the best arm is chosen at each point
+    assert at[1.0, "best fixed-prune"].speedup == pytest.approx(np.mean([11 / 7, 12 / 7]))
+    slow = at[0.1, "best fixed-prune"]  # the best arm is chosen at each point
+    assert slow.variant == "fixed-prune 0.5" and at[1.0, "best fixed-prune"].variant == "fixed-prune 0.1"
     assert slow.speedup == pytest.approx(np.mean([23 / 17, 24 / 17])) and not slow.lower_bound
     assert at[0.1, "fedavg"].lower_bound and at[0.1, "fedavg"].speedup == pytest.approx(
         40 / 17
@@ -187,6 +188,31 @@ def test_a_sweep_reads_its_points_off_the_groups_and_reports_the_speedup_along_t
     assert lines[2].startswith("| 0.1 | 17.0 | >2.35x [2.35, 2.35] | 1.38x [1.35, 1.41] (fixed-prune 0.5) |")
     assert lines[3].startswith("| 1 | 7.0 |") and lines[3].endswith("(fixed-prune 0.1) |")
     assert sweep_figure("fedspine", points, sweep, tmp_path / "figures").exists()
+
+
+def test_the_best_static_arm_is_chosen_on_the_reading_it_is_compared_on():
+    from types import SimpleNamespace
+
+    from fedspine.experiments.report import best_of
+
+    def row(variant, first, sustained):
+        return SimpleNamespace(
+            variant=variant,
+            reached=3,
+            time_to_target_s=first,
+            sustained_reached=3,
+            sustained_time_s=sustained,
+            final_accuracy=(0.78, 0.01),
+        )
+
+    table = [
+        row("fedspine", 5.0, 6.0),
+        row("fixed-prune 0.1", 10.0, 16.0),
+        row("fixed-prune 0.5", 11.0, 12.0),
+    ]
+    assert best_of(table, "fixed-prune") == "fixed-prune 0.1"  # first to cross
+    assert best_of(table, "fixed-prune", sustained=True) == "fixed-prune 0.5"  # first to hold it
+    assert best_of(table[:2], "fixed-prune") is None  # one arm is no sweep
 
 
 def test_accuracy_gaps_are_paired_by_seed_in_points_with_an_interval():
