@@ -153,6 +153,10 @@ class TrainConfig(ClientConfig):
     _section: ClassVar[str] = "train."
 
     rounds: int = 3
+    # Stop after the first round at whose end the simulated clock has reached this many seconds;
+    # train.rounds is then the most rounds (ours: compares strategies at an equal time budget
+    # rather than an equal number of rounds). None = run all train.rounds.
+    time_budget_s: float | None = None
     batch_size: int = 16  # each device's batches come from its own data stream, not the message
     server_lr: float = 1.0  # server step on the aggregate (ours, FedAvgM; fedspine.fl.server)
     server_momentum: float = 0.0  # 0 = plain aggregation
@@ -355,6 +359,8 @@ def validate(cfg: RunConfig) -> RunConfig:
         f.link_scale,
     )
     need(t.rounds >= 1, "train.rounds", ">= 1", t.rounds)
+    tb = t.time_budget_s
+    need(tb is None or (finite(tb) and tb > 0), "train.time_budget_s", "None or a finite number > 0", tb)
     need(t.batch_size >= 1, "train.batch_size", ">= 1", t.batch_size)
     need(finite(t.server_lr) and t.server_lr > 0, "train.server_lr", "a finite number > 0", t.server_lr)
     need(t.runner in RUNNERS, "train.runner", f"one of {list(RUNNERS)}", t.runner)

@@ -71,6 +71,8 @@ def check_retimable(source: RunConfig, target: RunConfig) -> None:
         raise RetimeError(f"the configs differ in more than the fleet's timing ({timing}): {differ}")
     if source.server.deadline_s is not None:
         raise RetimeError("server.deadline_s is set: on another fleet other updates could miss it")
+    if source.train.time_budget_s is not None:
+        raise RetimeError("train.time_budget_s is set: on another fleet the run would end after other rounds")
 
 
 def _differences(a: Any, b: Any, prefix: str = "") -> set[str]:

@@ -162,6 +162,12 @@ class Simulation:
             return round_work_for_map(kept, load)
         return round_work_for_ratio(self.world.shape, ratio, load, round_to=self.cfg.train.round_to)
 
+    @property
+    def finished(self) -> bool:
+        """Whether the run is over: ``train.rounds`` done, or ``train.time_budget_s`` spent."""
+        budget = self.cfg.train.time_budget_s
+        return self.round >= self.cfg.train.rounds or (budget is not None and self.clock_s >= budget)
+
     def run_round(self) -> dict[str, Any]:
         """One round; the client steps run wherever the runner sends them.
 
@@ -264,7 +270,7 @@ class Simulation:
             "loss_after": float(np.mean([r.loss_after for r in results])) if results else None,
             "mean_sparsity": float(np.mean([r.achieved_ratio for r in results])) if results else None,
         }
-        if rnd % self.cfg.eval.every == 0 or rnd == self.cfg.train.rounds:
+        if rnd % self.cfg.eval.every == 0 or self.finished:
             record["accuracy"] = self.evaluate_global()
             if "perplexity" in self.last_metrics:  # causal LM (accuracy = answer-token accuracy)
                 record["perplexity"] = self.last_metrics["perplexity"]
@@ -445,16 +451,14 @@ def run(
         checkpoint.save(checkpoint_dir, *sim.checkpoint_state(out.records))
     progress = _progress(cfg.train.rounds, enabled=cfg.log.progress)
     progress.update(sim.round)
-    while sim.round < cfg.train.rounds and (stop_after is None or sim.round < stop_after):
+    while not sim.finished and (stop_after is None or sim.round < stop_after):
         record = sim.run_round()
         out.records.append(record)
         if logger is not None:
             logger.log_round(record)
         if adapter_dir is not None:
             _save_adapters(sim, Path(adapter_dir))
-        if checkpoint_dir is not None and (
-            sim.round % cfg.checkpoint_every == 0 or sim.round == cfg.train.rounds
-        ):
+        if checkpoint_dir is not None and (sim.round % cfg.checkpoint_every == 0 or sim.finished):
             checkpoint.save(checkpoint_dir, *sim.checkpoint_state(out.records))
         progress.update(1)
         progress.set_postfix(acc=record.get("accuracy"), clock=f"{sim.clock_s:.0f}s")
@@ -483,7 +487,7 @@ def _save_adapters(sim: Simulation, adapter_dir: Path) -> None:
     log = sim.cfg.log
     if sim.round in log.save_adapter_rounds:
         sim.save_global_adapter(adapter_dir / f"round-{sim.round:04d}")
-    if log.save_adapter_final and sim.round == sim.cfg.train.rounds:
+    if log.save_adapter_final and sim.finished:
         sim.save_global_adapter(adapter_dir / "final")
 
 

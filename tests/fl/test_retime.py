@@ -53,6 +53,9 @@ def test_retime_refuses_what_it_cannot_vouch_for():
     with pytest.raises(RetimeError, match="server.deadline_s"):
         deadline = load_config(None, [*BASE, "strategy.name=fixed-prune", "server.deadline_s=100"])
         check_retimable(deadline, deadline)
+    with pytest.raises(RetimeError, match="train.time_budget_s"):
+        budget = load_config(None, [*BASE, "strategy.name=fixed-prune", "train.time_budget_s=10"])
+        check_retimable(budget, budget)
     assert timing_free_key(base.to_dict()) == timing_free_key(
         load_config(None, [*BASE, "strategy.name=fixed-prune", *OTHER_FLEET, "log.dir=elsewhere"]).to_dict()
     )

@@ -153,3 +153,32 @@ def test_time_to_target_first_crossing_and_sustained_skip_rounds_without_an_eval
     assert time_to_target(records, 0.70, window=3) == 4.0  # (0.71 + 0.60 + 0.80) / 3
     assert time_to_target(records, 0.75, window=3) is None
     assert time_to_target(records, None) is None
+
+
+def test_a_time_budget_ends_the_run_after_the_round_that_spends_it(tmp_path):
+    cfg = load_config(None, [*BASE, "strategy.name=fedspine", "eval.devices=false", "eval.every=5"])
+    full = run(cfg).records
+    budget = (full[0]["clock_s"] + full[1]["clock_s"]) / 2  # spent during round 2
+    capped = load_config(
+        None,
+        [
+            *BASE,
+            "strategy.name=fedspine",
+            "eval.devices=false",
+            "eval.every=5",
+            "train.rounds=6",
+            f"train.time_budget_s={budget}",
+        ],
+    )
+    ckpt = tmp_path / "ckpt"
+    assert len(run(capped, checkpoint_dir=ckpt, stop_after=1).records) == 1
+    out = run(capped, checkpoint_dir=ckpt, resume=True)
+    keep = lambda r: {k: v for k, v in r.items() if k not in ("wall_s", "accuracy")}  # noqa: E731
+    assert [r["round"] for r in out.records] == [1, 2]
+    assert [keep(r) for r in out.records] == [keep(r) for r in full[:2]]
+    assert (
+        "accuracy" not in out.records[0] and out.records[1]["accuracy"] is not None
+    )  # the last is evaluated
+    assert out.summary["rounds"] == 2 and out.summary["final_accuracy"] == out.records[1]["accuracy"]
+    with pytest.raises(ValueError, match="train.time_budget_s must be None or a finite number > 0, got -1"):
+        load_config(None, ["train.time_budget_s=-1"])
