@@ -30,7 +30,7 @@ def finished_runs(roots: Sequence[str | Path]) -> dict[str, Path]:
     for root in roots:
         for cfg_path in sorted(Path(root).rglob("config.json")):
             if (cfg_path.parent / "summary.json").exists() and (cfg_path.parent / "metrics.jsonl").exists():
-                found.setdefault(_config_key(_read_json(cfg_path)), cfg_path.parent)
+                found.setdefault(_config_key(_stored_config(cfg_path)), cfg_path.parent)
     return found
 
 
@@ -56,7 +56,7 @@ def _same_defaults(cell: Cell, source: Path) -> bool:
 
 def _is_finished(cell: Cell, out: Path) -> bool:
     run_dir = cell.run_dir(out)
-    return (run_dir / "summary.json").exists() and _read_json(run_dir / "config.json") == _wanted(cell)
+    return (run_dir / "summary.json").exists() and _stored_config(run_dir / "config.json") == _wanted(cell)
 
 
 def read_finished(cells: Sequence[Cell], out: str | Path) -> tuple[list[CellResult], list[Cell]]:
@@ -106,7 +106,7 @@ def run_cells(
         run_dir = cell.run_dir(out)
         label = f"[{i}/{len(cells)}] {cell.group + ' ' if cell.group else ''}{cell.variant} seed {cell.seed}"
         want = _wanted(cell)
-        have = _read_json(run_dir / "config.json")
+        have = _stored_config(run_dir / "config.json")
         if have is not None and have != want:
             print(f"{label}: config changed since the last run; starting over", flush=True)
             shutil.rmtree(run_dir)
@@ -193,6 +193,28 @@ def _retimed(cell: Cell, source: Path, run_dir: Path, label: str, worlds: dict[s
 
 def _read_json(path: Path) -> Any:
     return json.loads(path.read_text()) if path.exists() else None
+
+
+def _stored_config(path: Path) -> Any:
+    """A run's recorded config with the fields added to ``RunConfig`` since it ran filled in at
+    their defaults. A new field's default is the behaviour from before it existed (the rule for
+    adding one), so the run is the run today's config describes; without this every finished
+    run would look changed, and be rerun, after any field is added."""
+    stored = _read_json(path)
+    if stored is None:
+        return None
+    from fedspine.config import RunConfig
+
+    return _fill_missing(stored, json.loads(json.dumps(RunConfig().to_dict())))
+
+
+def _fill_missing(stored: Any, defaults: Any) -> Any:
+    if not (isinstance(stored, dict) and isinstance(defaults, dict)):
+        return stored
+    out = {k: _fill_missing(v, defaults.get(k)) for k, v in stored.items()}
+    for k, v in defaults.items():
+        out.setdefault(k, v)
+    return out
 
 
 __all__ = ["CellResult", "finished_runs", "read_finished", "run_cells"]

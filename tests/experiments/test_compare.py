@@ -342,6 +342,13 @@ def test_compare_writes_tables_and_figures_and_does_not_repeat_finished_runs(tmp
     assert compare_main(args) == 0
     assert capsys.readouterr().out.count("done before, read back") == 2
     assert compare_main([*args, "--shard", "3/2"]) == 2
+    # a run from before a field existed (its config lacks it) is the same run at that field's default
+    for path in out.rglob("config.json"):
+        old = json.loads(path.read_text())
+        del old["train"]["time_budget_s"]
+        path.write_text(json.dumps(old))
+    assert compare_main([*args, "--no-figures"]) == 0
+    assert capsys.readouterr().out.count("done before, read back") == 2
 
 
 @pytest.mark.slow
