@@ -17,7 +17,10 @@ A spec is a YAML file with two sections: ``run`` (an ordinary run config, the sh
         sparsity=0.4:                # what differs per variant goes under per_variant
           per_variant: {fixed-prune: {strategy.params: {ratio: 0.4}}}
       sizes:                         # named overrides; "full" is the run config as written
-        smoke: {model.name: tiny-bert, data.source: synthetic}
+        smoke:
+          model.name: tiny-bert
+          data.source: synthetic
+          per_variant: {hetlora: {train.rounds: 2}}   # a variant's own settings at this size
       sweeps:                        # optional: groups that set one field are points on an axis
         fleet.link_scale: {label: link bandwidth (x Wi-Fi), default: 1.0, log: true}
 
@@ -84,14 +87,17 @@ class Experiment:
 
     def config(self, *, size: str, group: str, variant: str, seed: int) -> RunConfig:
         """The run config of one cell: run section < size < group < variant < the group's
-        ``per_variant`` entry for it < seed."""
+        ``per_variant`` entry for it < the size's ``per_variant`` entry for it < seed."""
         shared = dict(self.groups[group])
         per_variant = shared.pop("per_variant", None) or {}
+        sized = dict(self.sizes.get(size, {}))
+        sized_per_variant = sized.pop("per_variant", None) or {}
         overrides = {
-            **self.sizes.get(size, {}),
+            **sized,
             **shared,
             **self.variants[variant],
             **(per_variant.get(variant) or {}),
+            **(sized_per_variant.get(variant) or {}),
         }
         overrides["seed"] = seed
         return config_from_mapping(self.run, overrides)
@@ -151,13 +157,14 @@ def load_experiment(path: str | Path) -> Experiment:
             )
     if exp.seeds < 1:
         raise ValueError(f"{p}: experiment.seeds must be >= 1, got {exp.seeds}")
-    for group, overrides in exp.groups.items():
-        extra = sorted(set(overrides.get("per_variant") or {}) - set(exp.variants))
-        if extra:
-            raise ValueError(
-                f"{p}: experiment.groups.{group}.per_variant names {extra}, which are not variants; "
-                f"have {sorted(exp.variants)}"
-            )
+    for where, table in (("groups", exp.groups), ("sizes", exp.sizes)):
+        for name, overrides in table.items():
+            extra = sorted(set(overrides.get("per_variant") or {}) - set(exp.variants))
+            if extra:
+                raise ValueError(
+                    f"{p}: experiment.{where}.{name}.per_variant names {extra}, which are not variants; "
+                    f"have {sorted(exp.variants)}"
+                )
     for size in exp.size_names():
         for group in exp.groups:
             for variant in exp.variants:

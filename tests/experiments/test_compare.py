@@ -97,6 +97,18 @@ def test_cells_of_one_seed_differ_only_in_the_variant(tmp_path):
     assert {c.cfg.data.alpha for c in cells if c.group == "b"} == {1.0}
 
 
+def test_a_size_can_set_one_variant_apart_and_names_unknown_variants(tmp_path):
+    sizes = {"short": {"train.rounds": 1, "per_variant": {"fedspine": {"train.time_budget_s": 5.0}}}}
+    groups = {"a": {"per_variant": {"fedspine": {"train.rounds": 3}}}}
+    exp = load_experiment(write_spec(tmp_path, sizes=sizes, groups=groups))
+    cfg = {(c.variant, c.cfg.train.rounds, c.cfg.train.time_budget_s) for c in plan(exp, size="short")}
+    assert cfg == {("fedspine", 3, 5.0), ("fedavg", 1, None)}  # the size's entry is applied last
+    assert {c.cfg.train.time_budget_s for c in plan(exp)} == {None}
+    bad = {"short": {"per_variant": {"fedsp1ne": {"train.rounds": 1}}}}
+    with pytest.raises(ValueError, match=r"experiment.sizes.short.per_variant names \['fedsp1ne'\]"):
+        load_experiment(write_spec(tmp_path, sizes=bad))
+
+
 def _result(variant, seed, tta, clock=100.0, records=()):
     from types import SimpleNamespace
 
