@@ -13,6 +13,24 @@ from fedspine.experiments.runner import CellResult
 from fedspine.experiments.spec import Experiment, Sweep, slug
 
 
+def line_styles(labels: Sequence[str], reference: str) -> dict[str, dict[str, Any]]:
+    """A distinct line per label: ten colours, then the same colours dashed, then dotted (a spec
+    has up to 13 variants, and two variants in one colour read as one); the reference thicker
+    and drawn on top."""
+    import matplotlib.pyplot as plt
+
+    dashes = ("-", "--", ":", "-.")
+    return {
+        v: dict(
+            color=plt.cm.tab10(i % 10),
+            ls=dashes[(i // 10) % len(dashes)],
+            lw=2.2 if v == reference else 1.0,
+            zorder=3 if v == reference else 2,
+        )
+        for i, v in enumerate(labels)
+    }
+
+
 def make_figures(exp: Experiment, results: Sequence[CellResult], out: Path) -> dict[str, dict[str, Path]]:
     """Per group: accuracy vs simulated time, the reference's arms per tier, waiting per round;
     across groups: final accuracy vs sparsity. Returns {group: {kind: path}}."""
@@ -25,7 +43,8 @@ def make_figures(exp: Experiment, results: Sequence[CellResult], out: Path) -> d
     fig_dir = out / "figures"
     fig_dir.mkdir(parents=True, exist_ok=True)
     variants = list(exp.variants)
-    colour = {v: plt.cm.tab10(i % 10) for i, v in enumerate(variants)}
+    line = line_styles(variants, exp.reference)
+    colour = {v: st["color"] for v, st in line.items()}
     made: dict[str, dict[str, Path]] = {}
     for g in dict.fromkeys(r.cell.group for r in results):
         mine = [r for r in results if r.cell.group == g]
@@ -41,7 +60,7 @@ def make_figures(exp: Experiment, results: Sequence[CellResult], out: Path) -> d
                     ax.plot(
                         *zip(*pts, strict=True),
                         marker=".",
-                        color=colour[v],
+                        **line[v],
                         alpha=0.9 if k == 0 else 0.35,
                         label=v if k == 0 else None,
                     )
@@ -108,7 +127,7 @@ def make_figures(exp: Experiment, results: Sequence[CellResult], out: Path) -> d
                     [q["round"] for q in r.records],
                     [q["mean_waiting_s"] for q in r.records],
                     marker=".",
-                    color=colour[v],
+                    **line[v],
                     label=v,
                 )
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -159,9 +178,10 @@ def sweep_figure(reference: str, points: Sequence[Any], sweep: Sweep, fig_dir: P
     fig_dir.mkdir(parents=True, exist_ok=True)
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
     labels = list(dict.fromkeys([reference, *(p.label for p in points)]))
-    for i, v in enumerate(labels):
+    lines = line_styles(labels, reference)
+    for v in labels:
         mine = [p for p in points if p.label == v]
-        style = dict(color=plt.cm.tab10(i % 10), marker="o", lw=2.2 if v == reference else 1.0, label=v)
+        style = dict(**lines[v], marker="o", label=v)
         timed = [p for p in mine if p.time_s is not None]
         if timed:
             a1.plot([p.value for p in timed], [p.time_s for p in timed], **style)

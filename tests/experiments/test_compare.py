@@ -473,3 +473,12 @@ def test_results_md_says_when_its_runs_came_from_different_code():
     assert _code_note([result(0, "aaa"), result(1, "aaa"), result(2, None)]) == []
     (note, _) = _code_note([result(0, "aaa"), result(1, "bbb"), result(2, None)])
     assert "2 versions" in note and "`bbb`: fedspine seed 1" in note and "1 older runs" in note
+
+
+def test_every_variant_of_a_figure_gets_its_own_line():
+    from fedspine.experiments.figures import line_styles
+
+    labels = [f"v{i}" for i in range(13)]
+    styles = line_styles(labels, reference="v3")
+    assert len({(tuple(s["color"]), s["ls"]) for s in styles.values()}) == 13
+    assert styles["v3"]["lw"] > styles["v0"]["lw"] and styles["v3"]["zorder"] > styles["v0"]["zorder"]
