@@ -21,6 +21,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", default="full", help="a size named in the spec (smoke, cpu, ...) or 'full'")
     ap.add_argument("--smoke", action="store_true", help="same as --size smoke")
     ap.add_argument("--seeds", type=int, default=None, help="number of seeds (default: the spec's)")
+    ap.add_argument(
+        "--first-seed",
+        type=int,
+        default=0,
+        help="seeds run are FIRST .. FIRST+SEEDS-1 (default 0): fresh seeds for a confirmation",
+    )
     ap.add_argument("--out", default=None, help="output folder (default results/<name>[-<size>])")
     ap.add_argument("--wandb", default="disabled", choices=["disabled", "offline", "online"])
     ap.add_argument("--no-figures", action="store_true")
@@ -52,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     size = "smoke" if args.smoke else args.size
     try:
         exp = load_experiment(args.config)
-        cells = plan(exp, size=size, seeds=args.seeds)
+        cells = plan(exp, size=size, seeds=args.seeds, first_seed=args.first_seed)
         if args.groups:
             unknown = sorted(set(args.groups) - set(exp.groups))
             if unknown:
@@ -83,7 +89,9 @@ def main(argv: list[str] | None = None) -> int:
         results = run_cells(cells, out, wandb=args.wandb, group_name=exp.name, reuse=args.reuse)
         missing = []
     command = "python experiments/compare.py " + shlex.join(
-        ["--config", args.config, "--size", size, "--seeds", str(args.seeds or exp.seeds), "--out", str(out)]
+        ["--config", args.config, "--size", size, "--seeds", str(args.seeds or exp.seeds)]
+        + (["--first-seed", str(args.first_seed)] if args.first_seed else [])
+        + ["--out", str(out)]
         + (["--groups", *args.groups] if args.groups else [])
         + (["--variants", *args.variants] if args.variants else [])
         + (["--reuse", *map(str, args.reuse)] if args.reuse else [])

@@ -476,14 +476,19 @@ def write_results(
     env = environment()
     borrowed = ("reused_from", "retimed_from")
     wall = sum(r.summary.get("wall_s", 0.0) for r in results if not any(r.summary.get(k) for k in borrowed))
-    seeds = max((r.cell.seed for r in results), default=0) + 1
+    seed_ids = sorted({r.cell.seed for r in results})
+    seeds = (
+        f"{len(seed_ids)} seed(s)"
+        if seed_ids in ([], list(range(len(seed_ids))))
+        else (f"{len(seed_ids)} seed(s) ({', '.join(map(str, seed_ids))})")
+    )
     md = [f"# {exp.title}", ""]
     if exp.about:
         md += [exp.about, ""]
     md += [
         f"Reproduce: `{command}`",
         "",
-        f"Size `{size}`, {seeds} seed(s), {len(results)} runs, {wall / 60:.1f} min of wall time in all. "
+        f"Size `{size}`, {seeds}, {len(results)} runs, {wall / 60:.1f} min of wall time in all. "
         f"Spec: `{exp.source}`. Written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
         "",
         "Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()) + ".",

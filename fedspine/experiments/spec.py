@@ -209,16 +209,20 @@ def _overrides_table(raw: Any, where: str, *, allow_empty: bool = False) -> dict
     return out
 
 
-def plan(exp: Experiment, *, size: str = FULL, seeds: int | None = None) -> list[Cell]:
+def plan(exp: Experiment, *, size: str = FULL, seeds: int | None = None, first_seed: int = 0) -> list[Cell]:
+    """Every (group, seed, variant) cell; seeds ``first_seed .. first_seed + seeds - 1`` (a
+    confirmation on fresh seeds starts where the first runs stopped)."""
     if size not in exp.size_names():
         raise ValueError(f"size must be one of {exp.size_names()}, got {size!r}")
     n = exp.seeds if seeds is None else seeds
     if n < 1:
         raise ValueError(f"seeds must be >= 1, got {n}")
+    if first_seed < 0:
+        raise ValueError(f"first seed must be >= 0, got {first_seed}")
     return [
         Cell(g, v, s, exp.config(size=size, group=g, variant=v, seed=s))
         for g in exp.groups
-        for s in range(n)
+        for s in range(first_seed, first_seed + n)
         for v in exp.variants
     ]
 

@@ -97,6 +97,17 @@ def test_cells_of_one_seed_differ_only_in_the_variant(tmp_path):
     assert {c.cfg.data.alpha for c in cells if c.group == "b"} == {1.0}
 
 
+def test_fresh_seeds_start_at_first_seed_and_a_negative_one_is_refused(tmp_path):
+    exp = load_experiment(write_spec(tmp_path))
+    cells = plan(exp, seeds=2, first_seed=3)
+    assert sorted({c.seed for c in cells}) == [3, 4]
+    assert {c.cfg.seed for c in cells} == {3, 4}
+    assert [c.cfg.to_dict() for c in cells if c.seed == 3] == [
+        c.cfg.to_dict() for c in plan(exp, seeds=4) if c.seed == 3
+    ]
+    assert compare_main(["--config", str(write_spec(tmp_path)), "--first-seed", "-1"]) == 2
+
+
 def test_a_size_can_set_one_variant_apart_and_names_unknown_variants(tmp_path):
     sizes = {"short": {"train.rounds": 1, "per_variant": {"fedspine": {"train.time_budget_s": 5.0}}}}
     groups = {"a": {"per_variant": {"fedspine": {"train.rounds": 3}}}}
