@@ -43,6 +43,7 @@ ALLOCATORS = {
     "deadline, capacity ratio rule": {"ratio_rule": "capacity"},
     "deadline, value rule shrunk by 10 pulls": {"value_shrink": 10.0},
     "deadline, progress deadline rule": {"deadline_rule": "progress"},
+    "deadline, prune tolerance 1 noise sigma": {"prune_tolerance": 1.0},
     "deadline, random in the same safe set": {"policy": "random"},
     "capacity rule, random in the same safe set": {"ratio_rule": "capacity", "policy": "random"},
     "deadline, per-device s-ucb in the safe set": {"policy": "s-ucb"},
@@ -108,7 +109,8 @@ def main() -> None:
     print("| allocator | rounds until they are on arms no heavier than the planner's, per seed |")
     print("|---|---|")
     adapting = ("fedspine (deadline, pooled-ucb, value ratio rule)", "deadline, pooled-ucb centred per round")
-    adapting += ("deadline, capacity ratio rule", "deadline, random in the same safe set")
+    adapting += ("deadline, capacity ratio rule", "deadline, prune tolerance 1 noise sigma")
+    adapting += ("deadline, random in the same safe set",)
     for aname in adapting:
         kw = ALLOCATORS[aname]
         got = []

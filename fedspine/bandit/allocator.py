@@ -46,9 +46,10 @@ _CONFIG_KEYS = (
     "ratio_rule",
     "value_shrink",
     "deadline_rule",
+    "prune_tolerance",
 )
 # Config keys added after state version 3 was written, with the value older states imply.
-_CONFIG_ADDED = {"value_shrink": 0.0, "deadline_rule": "shortest"}
+_CONFIG_ADDED = {"value_shrink": 0.0, "deadline_rule": "shortest", "prune_tolerance": 0.0}
 
 
 def _saved_config(state: Mapping[str, Any], name: str) -> Any:
@@ -137,6 +138,12 @@ class Allocator:
     longer round buys (less pruning, higher ranks) predicts more learning progress per second
     (:meth:`SafeExploration._progress_deadline`).
 
+    ``prune_tolerance`` (objective ``"deadline"``; ours, 0 = off): pruning is never undone, so a
+    device whose least pruning so far is predicted to miss the deadline by less than this many
+    standard deviations of the fleet's learnt round-time noise (``FleetModel.noise_sigma``) is
+    not pruned further for it; it plays its fastest arm at that pruning, and the round may run
+    that much longer than the deadline.
+
     ``safe_slack`` (objective ``"paper"``; ours, not in the paper) turns on safe exploration: the
     fleet time model keeps every device's exploration under the round's predicted makespan at
     the reward-optimal arms, times ``1 + safe_slack``. ``None`` leaves pure per-device bandits.
@@ -166,6 +173,7 @@ class Allocator:
         ratio_rule: str = "value",
         value_shrink: float = 0.0,
         deadline_rule: str = "shortest",
+        prune_tolerance: float = 0.0,
     ):
         if not isinstance(space, ArmSpace):
             raise ValueError(f"space must be an ArmSpace, got {type(space).__name__}")
@@ -188,6 +196,7 @@ class Allocator:
         _check_bool(monotone_pruning, "monotone_pruning")
         _check_number(prune_elasticity, "prune_elasticity", lo=0.0)
         _check_number(value_shrink, "value_shrink", lo=0.0)
+        _check_number(prune_tolerance, "prune_tolerance", lo=0.0)
         if ratio_rule not in RATIO_RULES:
             raise ValueError(f"ratio_rule must be one of {list(RATIO_RULES)}, got {ratio_rule!r}")
         if deadline_rule not in DEADLINE_RULES:
@@ -228,6 +237,7 @@ class Allocator:
             ratio_rule=ratio_rule,
             value_shrink=float(value_shrink),
             deadline_rule=deadline_rule,
+            prune_tolerance=float(prune_tolerance),
         )
 
     # The safety settings live in ``safety``; read here for the state's config keys.
@@ -239,6 +249,7 @@ class Allocator:
     ratio_rule = property(lambda self: self.safety.ratio_rule)
     value_shrink = property(lambda self: self.safety.value_shrink)
     deadline_rule = property(lambda self: self.safety.deadline_rule)
+    prune_tolerance = property(lambda self: self.safety.prune_tolerance)
 
     # --- choosing ------------------------------------------------------------------------------
     def assign(self, device_ids: Iterable[DeviceId], round: int) -> dict[DeviceId, Arm]:
@@ -467,6 +478,7 @@ class Allocator:
             "ratio_rule": self.ratio_rule,
             "value_shrink": self.value_shrink,
             "deadline_rule": self.deadline_rule,
+            "prune_tolerance": self.prune_tolerance,
             **self.safety.state_dict(),  # deadline, floor
             "rng": self.rng.bit_generator.state,
             "fleet": self.fleet.state_dict(),

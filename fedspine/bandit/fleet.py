@@ -98,6 +98,10 @@ class FleetModel:
         # what an arm buys, with each device's difficulty separated out (arm_values)
         self.value_log_sum = np.zeros((0, n_arms))
         self.value_weight = np.zeros((0, n_arms))
+        # round-time noise: squared log residuals of repeat runs against the device's own mean
+        # on that arm, discounted per round like the times (noise_sigma)
+        self.noise_sq = 0.0
+        self.noise_n = 0.0
 
     @property
     def n_lanes(self) -> int:
@@ -121,11 +125,16 @@ class FleetModel:
         if lanes.size == 0:
             return
         log_t = np.log(times_s)
+        own_w = self.weight[lanes, arms]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            before = np.where(own_w >= 0.5, self.log_sum[lanes, arms] / own_w, np.nan)
+        jump = np.zeros(lanes.size, dtype=bool)
         if self.change_factor is not None:  # against the device's own times on that arm only
-            own_w = self.weight[lanes, arms]
-            with np.errstate(invalid="ignore", divide="ignore"):
-                before = np.where(own_w >= 0.5, self.log_sum[lanes, arms] / own_w, np.nan)
             jump = np.abs(log_t - before) > np.log(self.change_factor)  # NaN (unknown) compares False
+        repeat = ~np.isnan(before) & ~jump  # a change is not noise
+        self.noise_sq = self.decay * self.noise_sq + float(np.sum((log_t[repeat] - before[repeat]) ** 2))
+        self.noise_n = self.decay * self.noise_n + float(repeat.sum())
+        if self.change_factor is not None:
             changed = lanes[jump]
             self.log_sum[changed] = 0.0
             self.weight[changed] = 0.0
@@ -159,6 +168,12 @@ class FleetModel:
             mixed = (own_sum + prior_weight * pooled) / (own_w + prior_weight)
         return np.exp(mixed)
 
+    def noise_sigma(self) -> float:
+        """Standard deviation of a round's log time about the device's own mean on that arm
+        (0 before any device repeated an arm). It includes the running mean's own error, so it
+        over-states the noise by a factor of about ``sqrt(1 + 1/n)`` for ``n`` earlier runs."""
+        return float(np.sqrt(self.noise_sq / self.noise_n)) if self.noise_n > 0 else 0.0
+
     def quality(self) -> np.ndarray:
         """Mean quality factor per arm over the fleet (NaN for arms nobody completed)."""
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -180,6 +195,8 @@ class FleetModel:
             "quality_n": self.quality_n.tolist(),
             "value_log_sum": self.value_log_sum.tolist(),
             "value_weight": self.value_weight.tolist(),
+            "noise_sq": self.noise_sq,
+            "noise_n": self.noise_n,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -193,3 +210,5 @@ class FleetModel:
         shape = self.log_sum.shape
         self.value_log_sum = np.asarray(state["value_log_sum"], dtype=np.float64).reshape(shape)
         self.value_weight = np.asarray(state["value_weight"], dtype=np.float64).reshape(shape)
+        self.noise_sq = float(state.get("noise_sq", 0.0))  # added within version 3: older states
+        self.noise_n = float(state.get("noise_n", 0.0))  # start the estimate afresh

@@ -77,6 +77,7 @@ class SafeExploration:
         ratio_rule: str = "value",
         value_shrink: float = 0.0,
         deadline_rule: str = "shortest",
+        prune_tolerance: float = 0.0,
     ):
         if ratio_rule not in RATIO_RULES:
             raise ValueError(f"ratio_rule must be one of {list(RATIO_RULES)}, got {ratio_rule!r}")
@@ -85,6 +86,8 @@ class SafeExploration:
         self.ratio_rule = ratio_rule
         self.value_shrink = value_shrink
         self.deadline_rule = deadline_rule
+        self.prune_tolerance = prune_tolerance
+        self._tolerance = 0.0  # this round's: expm1(prune_tolerance * the fleet's noise sigma)
         self.space = space
         self.objective = objective
         self.safe_slack = safe_slack
@@ -177,6 +180,7 @@ class SafeExploration:
             allowed[known, self.start_arm] = True
             return allowed, None
         worth = self.arm_worth(fleet) if self.ratio_rule == "value" else self._capacity
+        self._tolerance = float(np.expm1(self.prune_tolerance * fleet.noise_sigma()))
         if self.deadline_rule == "progress":
             deadline = self._progress_deadline(pred, deadline, worth)
         fits, ok = self._fit_deadline(pred, deadline, worth)
@@ -203,9 +207,17 @@ class SafeExploration:
         :meth:`arm_worth` or capacity). Above that least pruning only the ranks that beat it
         stay, so no device pays pruning for a rank it then does not play."""
         fits = pred <= deadline * (1 + 1e-9)
-        fits[np.arange(pred.shape[0]), pred.argmin(axis=1)] |= ~fits.any(axis=1)
         # ratios by grid index (exact comparisons)
         ri = self._ratio_index[None, :]
+        if self._tolerance > 0:  # a miss within the noise does not justify a prune never undone
+            rows = np.arange(pred.shape[0])
+            finite = np.isfinite(pred)
+            at_floor = finite & (ri == np.where(finite, ri, len(self.space.ratios)).min(axis=1)[:, None])
+            floor_pred = np.where(at_floor, pred, np.inf)
+            near = floor_pred.min(axis=1) <= deadline * (1 + self._tolerance)
+            near &= ~(fits & at_floor).any(axis=1)
+            fits[rows[near], floor_pred.argmin(axis=1)[near]] = True
+        fits[np.arange(pred.shape[0]), pred.argmin(axis=1)] |= ~fits.any(axis=1)
         least = np.where(fits, ri, len(self.space.ratios)).min(axis=1)
         at_least = fits & (ri == least[:, None])
         margin = np.log1p(VALUE_MARGIN) if self.ratio_rule == "value" else 0.0

@@ -61,6 +61,7 @@ class FedSpineParams:
     ratio_rule: str = "value"  # objective "deadline": prune for learnt worth or for capacity ("capacity")
     value_shrink: float = 0.0  # ratio rule "value": pseudo-observations shrinking rank worth; 0: off
     deadline_rule: str = "shortest"  # objective "deadline": "progress" may lengthen it for worth
+    prune_tolerance: float = 0.0  # objective "deadline": noise sigmas a miss must exceed to prune; 0: off
     reward: RewardConfig = field(default_factory=RewardConfig)
 
     def __post_init__(self) -> None:
@@ -74,6 +75,7 @@ class FedSpineParams:
         require(self.explore_factor >= 1, f"{PARAMS}explore_factor", ">= 1", self.explore_factor)
         require(self.prune_elasticity >= 0, f"{PARAMS}prune_elasticity", ">= 0", self.prune_elasticity)
         require(self.value_shrink >= 0, f"{PARAMS}value_shrink", ">= 0", self.value_shrink)
+        require(self.prune_tolerance >= 0, f"{PARAMS}prune_tolerance", ">= 0", self.prune_tolerance)
         rule = self.ratio_rule
         require(rule in RATIO_RULES, f"{PARAMS}ratio_rule", f"one of {list(RATIO_RULES)}", rule)
         rule = self.deadline_rule
@@ -222,6 +224,7 @@ class FedSpine(ArmAssigner):
             ratio_rule=p.ratio_rule,
             value_shrink=p.value_shrink,
             deadline_rule=p.deadline_rule,
+            prune_tolerance=p.prune_tolerance,
             monotone_pruning=True,  # a simulated device never regrows what it pruned
         )
 

@@ -227,3 +227,54 @@ def test_value_shrink_is_validated_and_kept_in_the_state():
         Allocator(SPACE, seed=0).load_state_dict(state)
     del state["value_shrink"]  # a checkpoint written before the setting existed
     assert Allocator.from_state_dict(state).value_shrink == 0.0
+
+
+def test_the_fleet_learns_its_round_time_noise_and_a_speed_change_is_not_noise():
+    from fedspine.bandit.fleet import FleetModel
+
+    rng = np.random.default_rng(0)
+    model = FleetModel(n_arms=2, change_factor=1.5)
+    lanes, arms = np.arange(50), np.zeros(50, dtype=int)
+    model.add_lanes(50)
+    assert model.noise_sigma() == 0.0  # nothing repeated yet
+    for _ in range(20):
+        model.observe(lanes, arms, rng.lognormal(0.0, 0.1, 50), np.ones(50))
+    assert 0.09 < model.noise_sigma() < 0.12  # about sqrt(1 + 1/n) above 0.1
+    before = model.noise_sigma()
+    model.observe(lanes, arms, 3.0 * rng.lognormal(0.0, 0.1, 50), np.ones(50))  # every device 3x slower
+    assert model.noise_sigma() == pytest.approx(before, rel=0.1)
+
+
+def test_prune_tolerance_keeps_a_device_whose_miss_is_within_the_noise_unpruned():
+    """Ratio 0 at rank 4 misses the deadline by 5%: with a 10% tolerance the device stays unpruned
+    (at its fastest arm there, not rank 8); a 20% miss still prunes; 0 is today's rule."""
+    alloc = Allocator(SPACE, seed=0, prune_tolerance=1.0)
+    safety, ratios = alloc.safety, np.array([a.ratio for a in SPACE])
+    pred = np.full((2, len(SPACE)), np.inf)
+    for a, arm in enumerate(SPACE):
+        slow = {0.0: 2.0, 0.1: 1.5, 0.2: 1.0}.get(arm.ratio, 0.9) * (1.3 if arm.rank > 4 else 1.0)
+        pred[0, a] = 1.05 * slow / 2.0 if arm.ratio == 0.0 else 0.95 * slow / 1.5
+        pred[1, a] = pred[0, a] * 1.2 / 1.05 if arm.ratio == 0.0 else pred[0, a]
+    deadline = 1.0
+    safety._tolerance = 0.0
+    _, ok = safety._fit_deadline(pred, deadline, np.zeros(len(SPACE)))
+    assert ratios[ok[0]].min() > 0 and ratios[ok[1]].min() > 0
+    safety._tolerance = 0.1
+    _, ok = safety._fit_deadline(pred, deadline, np.zeros(len(SPACE)))
+    assert [(SPACE[a].ratio, SPACE[a].rank) for a in np.flatnonzero(ok[0])] == [(0.0, 4)]
+    assert ratios[ok[1]].min() > 0
+
+
+def test_prune_tolerance_is_validated_kept_in_the_state_and_off_in_older_states():
+    with pytest.raises(ValueError, match="prune_tolerance must be a finite number >= 0.0, got -1"):
+        Allocator(SPACE, prune_tolerance=-1)
+    fleet = SyntheticFleet.paper_mix(20, seed=0)
+    alloc = Allocator(SPACE, seed=0, prune_tolerance=1.0)
+    simulate(fleet, alloc, 5, seed=0)
+    state = json.loads(json.dumps(alloc.state_dict()))
+    again = Allocator.from_state_dict(state)
+    assert again.prune_tolerance == 1.0 and again.fleet.noise_sigma() == alloc.fleet.noise_sigma() > 0
+    del state["prune_tolerance"], state["fleet"]["noise_sq"], state["fleet"]["noise_n"]  # before it existed
+    with pytest.raises(ValueError, match="state prune_tolerance 0.0 differs from 1.0"):
+        alloc.load_state_dict(state)
+    assert Allocator.from_state_dict(state).prune_tolerance == 0.0
