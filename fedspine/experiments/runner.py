@@ -51,7 +51,11 @@ def _same_defaults(cell: Cell, source: Path) -> bool:
     recorded = (_read_json(source / "summary.json") or {}).get("strategy_params")
     if recorded is None:
         return True
-    return recorded == resolved_params(cell.cfg.strategy.name, cell.cfg.strategy.params)
+    name = cell.cfg.strategy.name
+    # a parameter added since that run: at its default, the behaviour from before it existed
+    # (as in _stored_config); a value the cell sets is in its config, which is compared apart
+    filled = _fill_missing(recorded, json.loads(json.dumps(resolved_params(name, {}))))
+    return filled == resolved_params(name, cell.cfg.strategy.params)
 
 
 def _is_finished(cell: Cell, out: Path) -> bool:

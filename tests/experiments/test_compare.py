@@ -425,6 +425,11 @@ def test_a_run_finished_elsewhere_with_the_same_config_is_copied_not_rerun(tmp_p
     with pytest.raises(AssertionError, match="must not train"):
         run_cells([fedavg], tmp_path / "third", reuse=[first])
     assert "ran other strategy defaults; not copied" in capsys.readouterr().out
+    # a parameter added since the run (absent from its summary) is taken at its default: a copy
+    summary["strategy_params"] = {}
+    (source / "summary.json").write_text(json.dumps(summary))
+    (result,) = run_cells([fedavg], tmp_path / "fourth", reuse=[first])
+    assert result.summary["reused_from"] == source.as_posix()
 
 
 @pytest.mark.slow
