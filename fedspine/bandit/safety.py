@@ -87,7 +87,6 @@ class SafeExploration:
         self.value_shrink = value_shrink
         self.deadline_rule = deadline_rule
         self.prune_tolerance = prune_tolerance
-        self._tolerance = 0.0  # this round's: expm1(prune_tolerance * the fleet's noise sigma)
         self.space = space
         self.objective = objective
         self.safe_slack = safe_slack
@@ -180,16 +179,16 @@ class SafeExploration:
             allowed[known, self.start_arm] = True
             return allowed, None
         worth = self.arm_worth(fleet) if self.ratio_rule == "value" else self._capacity
-        self._tolerance = float(np.expm1(self.prune_tolerance * fleet.noise_sigma()))
+        tol = float(np.expm1(self.prune_tolerance * fleet.noise_sigma()))  # as a fraction of the deadline
         if self.deadline_rule == "progress":
-            deadline = self._progress_deadline(pred, deadline, worth)
-        fits, ok = self._fit_deadline(pred, deadline, worth)
+            deadline = self._progress_deadline(pred, deadline, worth, tol)
+        fits, ok = self._fit_deadline(pred, deadline, worth, tol)
         target = self.target_ratio
         if target and self._arm_ratios[ok.argmax(axis=1)].mean() > target + 1e-9:
             # a sparsity target below what this deadline needs: lengthen the round until it holds
             longest = max(2.0, float(pred[np.isfinite(pred)].max() / deadline))
             for factor in np.geomspace(1.02, longest, 40):  # the last one if none is enough
-                fits, ok = self._fit_deadline(pred, deadline * factor, worth)
+                fits, ok = self._fit_deadline(pred, deadline * factor, worth, tol)
                 if self._arm_ratios[ok.argmax(axis=1)].mean() <= target + 1e-9:
                     break
             deadline *= float(factor)
@@ -199,7 +198,7 @@ class SafeExploration:
         return allowed, deadline
 
     def _fit_deadline(
-        self, pred: np.ndarray, deadline: float, worth: np.ndarray
+        self, pred: np.ndarray, deadline: float, worth: np.ndarray, tolerance: float = 0.0
     ) -> tuple[np.ndarray, np.ndarray]:
         """Arms predicted to meet ``deadline`` (a device that meets it on none: its fastest), and
         among them the ones the policy may choose: at one ratio per device, the least pruning
@@ -209,12 +208,12 @@ class SafeExploration:
         fits = pred <= deadline * (1 + 1e-9)
         # ratios by grid index (exact comparisons)
         ri = self._ratio_index[None, :]
-        if self._tolerance > 0:  # a miss within the noise does not justify a prune never undone
+        if tolerance > 0:  # a miss within the noise does not justify a prune never undone
             rows = np.arange(pred.shape[0])
             finite = np.isfinite(pred)
             at_floor = finite & (ri == np.where(finite, ri, len(self.space.ratios)).min(axis=1)[:, None])
             floor_pred = np.where(at_floor, pred, np.inf)
-            near = floor_pred.min(axis=1) <= deadline * (1 + self._tolerance)
+            near = floor_pred.min(axis=1) <= deadline * (1 + tolerance)
             near &= ~(fits & at_floor).any(axis=1)
             fits[rows[near], floor_pred.argmin(axis=1)[near]] = True
         fits[np.arange(pred.shape[0]), pred.argmin(axis=1)] |= ~fits.any(axis=1)
@@ -233,7 +232,9 @@ class SafeExploration:
         ok &= ~raise_it[:, None] | (log_worth[None, :] > base[:, None] + margin)
         return fits, ok
 
-    def _progress_deadline(self, pred: np.ndarray, shortest: float, worth: np.ndarray) -> float:
+    def _progress_deadline(
+        self, pred: np.ndarray, shortest: float, worth: np.ndarray, tolerance: float = 0.0
+    ) -> float:
         """The deadline that maximises predicted learning progress per second of round time
         (ours): ``mean_i w_i(D) / D``, where ``w_i(D)`` is the learnt worth (as a factor, not a
         log) of the most valuable arm device ``i`` may play under deadline ``D``, from
@@ -247,7 +248,7 @@ class SafeExploration:
         log_worth = worth if self.ratio_rule == "value" else np.log(np.maximum(worth, 1e-12))
         best_d, best_j = shortest, -np.inf
         for k, d in enumerate(shortest * np.geomspace(1.0, PROGRESS_SEARCH, PROGRESS_STEPS)):
-            _, ok = self._fit_deadline(pred, float(d), worth)
+            _, ok = self._fit_deadline(pred, float(d), worth, tolerance)
             gain = np.exp(np.where(ok, log_worth[None, :], -np.inf).max(axis=1)).mean()
             j = gain / d
             if k == 0:

@@ -477,11 +477,9 @@ def write_results(
     borrowed = ("reused_from", "retimed_from")
     wall = sum(r.summary.get("wall_s", 0.0) for r in results if not any(r.summary.get(k) for k in borrowed))
     seed_ids = sorted({r.cell.seed for r in results})
-    seeds = (
-        f"{len(seed_ids)} seed(s)"
-        if seed_ids in ([], list(range(len(seed_ids))))
-        else (f"{len(seed_ids)} seed(s) ({', '.join(map(str, seed_ids))})")
-    )
+    seeds = f"{len(seed_ids)} seed(s)"
+    if seed_ids != list(range(len(seed_ids))):  # not 0..n-1 (a confirmation on fresh seeds): name them
+        seeds += f" ({', '.join(map(str, seed_ids))})"
     md = [f"# {exp.title}", ""]
     if exp.about:
         md += [exp.about, ""]

@@ -218,7 +218,7 @@ def plan(exp: Experiment, *, size: str = FULL, seeds: int | None = None, first_s
     if n < 1:
         raise ValueError(f"seeds must be >= 1, got {n}")
     if first_seed < 0:
-        raise ValueError(f"first seed must be >= 0, got {first_seed}")
+        raise ValueError(f"first_seed must be >= 0, got {first_seed}")
     return [
         Cell(g, v, s, exp.config(size=size, group=g, variant=v, seed=s))
         for g in exp.groups
