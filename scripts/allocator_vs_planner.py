@@ -44,6 +44,7 @@ ALLOCATORS = {
     "deadline, value rule shrunk by 10 pulls": {"value_shrink": 10.0},
     "deadline, progress deadline rule": {"deadline_rule": "progress"},
     "deadline, prune tolerance 1 noise sigma": {"prune_tolerance": 1.0},
+    "deadline, value rule at a 95% lower bound": {"value_confidence": 1.645},
     "deadline, random in the same safe set": {"policy": "random"},
     "capacity rule, random in the same safe set": {"ratio_rule": "capacity", "policy": "random"},
     "deadline, per-device s-ucb in the safe set": {"policy": "s-ucb"},

@@ -47,9 +47,15 @@ _CONFIG_KEYS = (
     "value_shrink",
     "deadline_rule",
     "prune_tolerance",
+    "value_confidence",
 )
 # Config keys added after state version 3 was written, with the value older states imply.
-_CONFIG_ADDED = {"value_shrink": 0.0, "deadline_rule": "shortest", "prune_tolerance": 0.0}
+_CONFIG_ADDED = {
+    "value_shrink": 0.0,
+    "deadline_rule": "shortest",
+    "prune_tolerance": 0.0,
+    "value_confidence": 0.0,
+}
 
 
 def _saved_config(state: Mapping[str, Any], name: str) -> Any:
@@ -144,6 +150,13 @@ class Allocator:
     not pruned further for it; it plays its fastest arm at that pruning, and the round may run
     that much longer than the deadline.
 
+    ``value_confidence`` (objective ``"deadline"`` with ``ratio_rule="value"``; ours, 0 = off):
+    a rank buys pruning only on its lower confidence bound, its learnt worth less this many
+    standard errors of its difference from the rank it would replace (the fleet's residual
+    sigma of log quality over the square root of each rank's observations,
+    :meth:`SafeExploration.worth_se`); the prune is never undone, so one round's luck must
+    not pay for it. 1.645 is a one-sided 95% bound.
+
     ``safe_slack`` (objective ``"paper"``; ours, not in the paper) turns on safe exploration: the
     fleet time model keeps every device's exploration under the round's predicted makespan at
     the reward-optimal arms, times ``1 + safe_slack``. ``None`` leaves pure per-device bandits.
@@ -174,6 +187,7 @@ class Allocator:
         value_shrink: float = 0.0,
         deadline_rule: str = "shortest",
         prune_tolerance: float = 0.0,
+        value_confidence: float = 0.0,
     ):
         if not isinstance(space, ArmSpace):
             raise ValueError(f"space must be an ArmSpace, got {type(space).__name__}")
@@ -197,6 +211,7 @@ class Allocator:
         _check_number(prune_elasticity, "prune_elasticity", lo=0.0)
         _check_number(value_shrink, "value_shrink", lo=0.0)
         _check_number(prune_tolerance, "prune_tolerance", lo=0.0)
+        _check_number(value_confidence, "value_confidence", lo=0.0)
         if ratio_rule not in RATIO_RULES:
             raise ValueError(f"ratio_rule must be one of {list(RATIO_RULES)}, got {ratio_rule!r}")
         if deadline_rule not in DEADLINE_RULES:
@@ -238,6 +253,7 @@ class Allocator:
             value_shrink=float(value_shrink),
             deadline_rule=deadline_rule,
             prune_tolerance=float(prune_tolerance),
+            value_confidence=float(value_confidence),
         )
 
     # The safety settings live in ``safety``; read here for the state's config keys.
@@ -250,6 +266,7 @@ class Allocator:
     value_shrink = property(lambda self: self.safety.value_shrink)
     deadline_rule = property(lambda self: self.safety.deadline_rule)
     prune_tolerance = property(lambda self: self.safety.prune_tolerance)
+    value_confidence = property(lambda self: self.safety.value_confidence)
 
     # --- choosing ------------------------------------------------------------------------------
     def assign(self, device_ids: Iterable[DeviceId], round: int) -> dict[DeviceId, Arm]:
@@ -479,6 +496,7 @@ class Allocator:
             "value_shrink": self.value_shrink,
             "deadline_rule": self.deadline_rule,
             "prune_tolerance": self.prune_tolerance,
+            "value_confidence": self.value_confidence,
             **self.safety.state_dict(),  # deadline, floor
             "rng": self.rng.bit_generator.state,
             "fleet": self.fleet.state_dict(),

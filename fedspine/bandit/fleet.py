@@ -17,6 +17,7 @@ how easy a device's data is. Nothing about device speed is given in advance.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -98,6 +99,7 @@ class FleetModel:
         # what an arm buys, with each device's difficulty separated out (arm_values)
         self.value_log_sum = np.zeros((0, n_arms))
         self.value_weight = np.zeros((0, n_arms))
+        self.value_sq_sum = np.zeros((0, n_arms))  # their squares, for the fit's residual (value_sigma)
         # round-time noise: squared log residuals of repeat runs against the device's own mean
         # on that arm, discounted per round like the times (noise_sigma)
         self.noise_sq = 0.0
@@ -112,13 +114,16 @@ class FleetModel:
         self.weight = np.concatenate([self.weight, np.zeros((n, self.n_arms))])
         self.value_log_sum = np.concatenate([self.value_log_sum, np.zeros((n, self.n_arms))])
         self.value_weight = np.concatenate([self.value_weight, np.zeros((n, self.n_arms))])
+        self.value_sq_sum = np.concatenate([self.value_sq_sum, np.zeros((n, self.n_arms))])
 
     def observe(self, lanes: np.ndarray, arms: np.ndarray, times_s: np.ndarray, quality: np.ndarray) -> None:
         """Record completed rounds (lanes distinct)."""
         self.quality_sum += np.bincount(arms, weights=quality, minlength=self.n_arms)
         self.quality_n += np.bincount(arms, minlength=self.n_arms)
-        _decay_rows(self.decay, lanes, self.value_log_sum, self.value_weight)
-        self.value_log_sum[lanes, arms] += np.log(np.maximum(quality, VALUE_FLOOR))
+        _decay_rows(self.decay, lanes, self.value_log_sum, self.value_weight, self.value_sq_sum)
+        log_q = np.log(np.maximum(quality, VALUE_FLOOR))
+        self.value_log_sum[lanes, arms] += log_q
+        self.value_sq_sum[lanes, arms] += log_q**2
         self.value_weight[lanes, arms] += 1.0
         keep = times_s > 0
         lanes, arms, times_s = lanes[keep], arms[keep], times_s[keep]
@@ -185,6 +190,20 @@ class FleetModel:
         _, effect = fit_factors(self.value_log_sum, self.value_weight)
         return effect, self.value_weight.sum(axis=0)
 
+    def value_sigma(self) -> float:
+        """Residual standard deviation of one round's log quality about the two-factor fit
+        (device plus arm effect), ``sqrt(RSS / (n - devices - arms + 1))`` with discounted counts;
+        ``inf`` while the fit has no degrees of freedom left (no evidence of the noise yet).
+        The residual holds the round-to-round drift of a device's loss improvement as well as
+        the noise, which is what a choice made on the pooled effects is exposed to."""
+        w, s = self.value_weight, self.value_log_sum
+        theta, phi = fit_factors(s, w)
+        cells = w > 0
+        fitted = np.where(cells, np.nan_to_num(theta)[:, None] + np.nan_to_num(phi)[None, :], 0.0)
+        rss = float(np.sum(self.value_sq_sum) - 2.0 * np.sum(fitted * s) + np.sum(w * fitted**2))
+        dof = float(w.sum()) - int(cells.any(axis=1).sum()) - int(cells.any(axis=0).sum()) + 1
+        return float(np.sqrt(max(rss, 0.0) / dof)) if cells.any() and dof >= 1.0 else math.inf
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "decay": self.decay,
@@ -195,6 +214,7 @@ class FleetModel:
             "quality_n": self.quality_n.tolist(),
             "value_log_sum": self.value_log_sum.tolist(),
             "value_weight": self.value_weight.tolist(),
+            "value_sq_sum": self.value_sq_sum.tolist(),
             "noise_sq": self.noise_sq,
             "noise_n": self.noise_n,
         }
@@ -210,5 +230,10 @@ class FleetModel:
         shape = self.log_sum.shape
         self.value_log_sum = np.asarray(state["value_log_sum"], dtype=np.float64).reshape(shape)
         self.value_weight = np.asarray(state["value_weight"], dtype=np.float64).reshape(shape)
+        if "value_sq_sum" in state:
+            self.value_sq_sum = np.asarray(state["value_sq_sum"], dtype=np.float64).reshape(shape)
+        else:  # added within version 3: each cell's observations taken as equal to their mean
+            w = self.value_weight
+            self.value_sq_sum = np.divide(self.value_log_sum**2, w, out=np.zeros(shape), where=w > 0)
         self.noise_sq = float(state.get("noise_sq", 0.0))  # added within version 3: older states
         self.noise_n = float(state.get("noise_n", 0.0))  # start the estimate afresh

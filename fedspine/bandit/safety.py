@@ -78,6 +78,7 @@ class SafeExploration:
         value_shrink: float = 0.0,
         deadline_rule: str = "shortest",
         prune_tolerance: float = 0.0,
+        value_confidence: float = 0.0,
     ):
         if ratio_rule not in RATIO_RULES:
             raise ValueError(f"ratio_rule must be one of {list(RATIO_RULES)}, got {ratio_rule!r}")
@@ -87,6 +88,7 @@ class SafeExploration:
         self.value_shrink = value_shrink
         self.deadline_rule = deadline_rule
         self.prune_tolerance = prune_tolerance
+        self.value_confidence = value_confidence
         self.space = space
         self.objective = objective
         self.safe_slack = safe_slack
@@ -181,14 +183,15 @@ class SafeExploration:
         worth = self.arm_worth(fleet) if self.ratio_rule == "value" else self._capacity
         tol = float(np.expm1(self.prune_tolerance * fleet.noise_sigma()))  # as a fraction of the deadline
         if self.deadline_rule == "progress":
-            deadline = self._progress_deadline(pred, deadline, worth, tol)
-        fits, ok = self._fit_deadline(pred, deadline, worth, tol)
+            deadline = self._progress_deadline(pred, deadline, worth, tol)  # point estimates of worth
+        worth_se = self.worth_se(fleet) if self.ratio_rule == "value" and self.value_confidence > 0 else None
+        fits, ok = self._fit_deadline(pred, deadline, worth, tol, worth_se)
         target = self.target_ratio
         if target and self._arm_ratios[ok.argmax(axis=1)].mean() > target + 1e-9:
             # a sparsity target below what this deadline needs: lengthen the round until it holds
             longest = max(2.0, float(pred[np.isfinite(pred)].max() / deadline))
             for factor in np.geomspace(1.02, longest, 40):  # the last one if none is enough
-                fits, ok = self._fit_deadline(pred, deadline * factor, worth, tol)
+                fits, ok = self._fit_deadline(pred, deadline * factor, worth, tol, worth_se)
                 if self._arm_ratios[ok.argmax(axis=1)].mean() <= target + 1e-9:
                     break
             deadline *= float(factor)
@@ -198,13 +201,21 @@ class SafeExploration:
         return allowed, deadline
 
     def _fit_deadline(
-        self, pred: np.ndarray, deadline: float, worth: np.ndarray, tolerance: float = 0.0
+        self,
+        pred: np.ndarray,
+        deadline: float,
+        worth: np.ndarray,
+        tolerance: float = 0.0,
+        worth_se: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Arms predicted to meet ``deadline`` (a device that meets it on none: its fastest), and
         among them the ones the policy may choose: at one ratio per device, the least pruning
         that meets the deadline unless a more pruned arm is worth more (``worth`` per arm,
         :meth:`arm_worth` or capacity). Above that least pruning only the ranks that beat it
-        stay, so no device pays pruning for a rank it then does not play."""
+        stay, so no device pays pruning for a rank it then does not play. With ``worth_se``
+        (per rank, :meth:`worth_se`) a rank other than the device's best at its least pruning
+        must beat it by the margin after ``value_confidence`` standard errors of the difference
+        are taken off: a lower confidence bound, since the prune is never undone."""
         fits = pred <= deadline * (1 + 1e-9)
         # ratios by grid index (exact comparisons)
         ri = self._ratio_index[None, :]
@@ -221,16 +232,35 @@ class SafeExploration:
         at_least = fits & (ri == least[:, None])
         margin = np.log1p(VALUE_MARGIN) if self.ratio_rule == "value" else 0.0
         log_worth = np.log(np.maximum(worth, 1e-12)) if self.ratio_rule == "capacity" else worth
-        base = np.where(at_least, log_worth[None, :], -np.inf).max(axis=1)
+        at_least_worth = np.where(at_least, log_worth[None, :], -np.inf)
+        base = at_least_worth.max(axis=1)
+        bound = np.broadcast_to(log_worth[None, :], pred.shape)
+        if worth_se is not None:
+            base_rank = self._rank_index[at_least_worth.argmax(axis=1)]
+            other = self._rank_index[None, :] != base_rank[:, None]
+            se = np.hypot(worth_se[self._rank_index][None, :], worth_se[base_rank][:, None])
+            bound = bound - np.where(other, self.value_confidence * se, 0.0)
         # ties: the least pruning, which is never undone
-        score = np.where(fits, log_worth[None, :] - 1e-9 * self._arm_ratios[None, :], -np.inf)
+        score = np.where(fits, bound - 1e-9 * self._arm_ratios[None, :], -np.inf)
         best = score.argmax(axis=1)
         raise_it = score[np.arange(pred.shape[0]), best] > base + margin
         chosen = np.where(raise_it, self._ratio_index[best], least)
         ok = fits & (ri == chosen[:, None])
         # above the least pruning only the ranks that pay for it stay
-        ok &= ~raise_it[:, None] | (log_worth[None, :] > base[:, None] + margin)
+        ok &= ~raise_it[:, None] | (bound > base[:, None] + margin)
         return fits, ok
+
+    def worth_se(self, fleet: FleetModel) -> np.ndarray:
+        """Standard error of each rank's learnt effect (ours; one per rank of the grid): the
+        fleet's residual sigma of log quality (:meth:`FleetModel.value_sigma`) over the square root of the
+        rank's discounted observations, ``inf`` for a rank nobody played or while the sigma is
+        unknown. Used by ``value_confidence``."""
+        _, pulls = fleet.arm_values()
+        n_rank = np.bincount(self._rank_index, weights=pulls, minlength=len(self.space.ranks))
+        sigma = fleet.value_sigma()
+        with np.errstate(divide="ignore"):
+            se = np.where(n_rank > 0, sigma / np.sqrt(np.maximum(n_rank, 1e-300)), np.inf)
+        return se
 
     def _progress_deadline(
         self, pred: np.ndarray, shortest: float, worth: np.ndarray, tolerance: float = 0.0

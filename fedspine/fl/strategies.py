@@ -62,6 +62,7 @@ class FedSpineParams:
     value_shrink: float = 0.0  # ratio rule "value": pseudo-observations shrinking rank worth; 0: off
     deadline_rule: str = "shortest"  # objective "deadline": "progress" may lengthen it for worth
     prune_tolerance: float = 0.0  # objective "deadline": noise sigmas a miss must exceed to prune; 0: off
+    value_confidence: float = 0.0  # ratio rule "value": std errors off a rank's worth to prune; 0: off
     reward: RewardConfig = field(default_factory=RewardConfig)
 
     def __post_init__(self) -> None:
@@ -76,6 +77,7 @@ class FedSpineParams:
         require(self.prune_elasticity >= 0, f"{PARAMS}prune_elasticity", ">= 0", self.prune_elasticity)
         require(self.value_shrink >= 0, f"{PARAMS}value_shrink", ">= 0", self.value_shrink)
         require(self.prune_tolerance >= 0, f"{PARAMS}prune_tolerance", ">= 0", self.prune_tolerance)
+        require(self.value_confidence >= 0, f"{PARAMS}value_confidence", ">= 0", self.value_confidence)
         rule = self.ratio_rule
         require(rule in RATIO_RULES, f"{PARAMS}ratio_rule", f"one of {list(RATIO_RULES)}", rule)
         rule = self.deadline_rule
@@ -225,6 +227,7 @@ class FedSpine(ArmAssigner):
             value_shrink=p.value_shrink,
             deadline_rule=p.deadline_rule,
             prune_tolerance=p.prune_tolerance,
+            value_confidence=p.value_confidence,
             monotone_pruning=True,  # a simulated device never regrows what it pruned
         )
 

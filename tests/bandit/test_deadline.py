@@ -275,3 +275,65 @@ def test_prune_tolerance_is_validated_kept_in_the_state_and_off_in_older_states(
     with pytest.raises(ValueError, match="state prune_tolerance 0.0 differs from 1.0"):
         alloc.load_state_dict(state)
     assert Allocator.from_state_dict(state).prune_tolerance == 0.0
+
+
+def test_the_fleet_value_sigma_is_the_residual_of_the_two_factor_fit():
+    from fedspine.bandit.fleet import FleetModel
+
+    rng = np.random.default_rng(1)
+    n_dev, n_arms = 12, 4
+    model = FleetModel(n_arms=n_arms, decay=1.0)
+    model.add_lanes(n_dev)
+    assert model.value_sigma() == np.inf  # no degrees of freedom yet
+    rows = []
+    for _ in range(5):
+        arms = rng.integers(0, n_arms, n_dev)
+        q = np.exp(0.3 * np.arange(n_dev) / n_dev + 0.2 * arms + rng.normal(0, 0.15, n_dev))
+        model.observe(np.arange(n_dev), arms, np.ones(n_dev), q)
+        rows += [(i, a, np.log(qi)) for i, a, qi in zip(range(n_dev), arms, q, strict=True)]
+    # the same fit by ordinary least squares on one dummy column per device and per arm
+    x = np.zeros((len(rows), n_dev + n_arms))
+    for k, (i, a, _) in enumerate(rows):
+        x[k, i] = x[k, n_dev + a] = 1.0
+    y = np.array([r[2] for r in rows])
+    resid = y - x @ np.linalg.lstsq(x, y, rcond=None)[0]
+    dof = len(rows) - (n_dev + n_arms - 1)
+    assert model.value_sigma() == pytest.approx(np.sqrt(resid @ resid / dof), rel=1e-9)
+    assert 0.1 < model.value_sigma() < 0.2
+
+
+def test_value_confidence_lets_a_rank_buy_pruning_only_on_its_lower_bound():
+    """Deadline 1.0: both devices meet it unpruned at rank 4 and at 0.1 with rank 8, which is
+    learnt to be worth 35% more than rank 4 unpruned. Without the bound both
+    prune for it; with a 95% bound only while the rank's standard error is small."""
+    space = ArmSpace.grid([0.0, 0.1], [4, 8])  # arms (0.0, 4), (0.0, 8), (0.1, 4), (0.1, 8)
+    safety = Allocator(space, seed=0, value_confidence=1.645).safety
+    pred = np.array([[0.9, 1.2, 0.8, 0.95], [0.95, 1.3, 0.85, 0.99]])
+    log_worth = np.log(np.array([1.0, 1.5, 0.9, 1.35]))  # rank 8 at 0.1: 1.35 against rank 4's 1.0
+
+    def chosen(worth_se):
+        _, ok = safety._fit_deadline(pred, 1.0, log_worth, 0.0, worth_se)
+        return [sorted((space[a].ratio, space[a].rank) for a in np.flatnonzero(row)) for row in ok]
+
+    assert chosen(None) == [[(0.1, 8)], [(0.1, 8)]]
+    assert chosen(np.array([0.02, 0.02])) == [[(0.1, 8)], [(0.1, 8)]]  # the bound 1.35 - 4.7%: still pays
+    assert chosen(np.array([0.1, 0.2])) == [[(0.0, 4)], [(0.0, 4)]]  # 37% off: does not
+    assert chosen(np.array([0.02, np.inf])) == [[(0.0, 4)], [(0.0, 4)]]  # rank 8 never played
+
+
+def test_value_confidence_is_validated_kept_in_the_state_and_off_in_older_states():
+    with pytest.raises(ValueError, match="value_confidence must be a finite number >= 0.0, got -1"):
+        Allocator(SPACE, value_confidence=-1)
+    fleet = SyntheticFleet.paper_mix(20, seed=0)
+    alloc = Allocator(SPACE, seed=0, value_confidence=1.645)
+    simulate(fleet, alloc, 5, seed=0)
+    state = json.loads(json.dumps(alloc.state_dict()))
+    again = Allocator.from_state_dict(state)
+    assert again.value_confidence == 1.645 and again.fleet.value_sigma() == alloc.fleet.value_sigma() < np.inf
+    ids = list(range(20))
+    assert again.assign(ids, 6) == alloc.assign(ids, 6)
+    del state["value_confidence"], state["fleet"]["value_sq_sum"]  # a checkpoint from before it existed
+    with pytest.raises(ValueError, match="state value_confidence 0.0 differs from 1.645"):
+        alloc.load_state_dict(state)
+    old = Allocator.from_state_dict(state)
+    assert old.value_confidence == 0.0 and 0.0 <= old.fleet.value_sigma() <= alloc.fleet.value_sigma()
