@@ -262,21 +262,6 @@ def test_prune_tolerance_keeps_a_device_whose_miss_is_within_the_noise_unpruned(
     assert chosen(0.1) == [[(0.0, 4)], [(0.1, 4), (0.1, 8)]]
 
 
-def test_prune_tolerance_is_validated_kept_in_the_state_and_off_in_older_states():
-    with pytest.raises(ValueError, match="prune_tolerance must be a finite number >= 0.0, got -1"):
-        Allocator(SPACE, prune_tolerance=-1)
-    fleet = SyntheticFleet.paper_mix(20, seed=0)
-    alloc = Allocator(SPACE, seed=0, prune_tolerance=1.0)
-    simulate(fleet, alloc, 5, seed=0)
-    state = json.loads(json.dumps(alloc.state_dict()))
-    again = Allocator.from_state_dict(state)
-    assert again.prune_tolerance == 1.0 and again.fleet.noise_sigma() == alloc.fleet.noise_sigma() > 0
-    del state["prune_tolerance"], state["fleet"]["noise_sq"], state["fleet"]["noise_n"]  # before it existed
-    with pytest.raises(ValueError, match="state prune_tolerance 0.0 differs from 1.0"):
-        alloc.load_state_dict(state)
-    assert Allocator.from_state_dict(state).prune_tolerance == 0.0
-
-
 def test_the_fleet_value_sigma_is_the_residual_of_the_two_factor_fit():
     from fedspine.bandit.fleet import FleetModel
 
@@ -321,19 +306,28 @@ def test_value_confidence_lets_a_rank_buy_pruning_only_on_its_lower_bound():
     assert chosen(np.array([0.02, np.inf])) == [[(0.0, 4)], [(0.0, 4)]]  # rank 8 never played
 
 
-def test_value_confidence_is_validated_kept_in_the_state_and_off_in_older_states():
-    with pytest.raises(ValueError, match="value_confidence must be a finite number >= 0.0, got -1"):
-        Allocator(SPACE, value_confidence=-1)
-    fleet = SyntheticFleet.paper_mix(20, seed=0)
-    alloc = Allocator(SPACE, seed=0, value_confidence=1.645)
-    simulate(fleet, alloc, 5, seed=0)
+# settings added within state version 3, each with the fleet statistics it learns
+ADDED = {
+    "prune_tolerance": (1.0, ("noise_sq", "noise_n"), lambda f: f.noise_sigma()),
+    "value_confidence": (1.645, ("value_sq_sum",), lambda f: f.value_sigma()),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ADDED))
+def test_added_settings_are_validated_kept_in_the_state_and_off_in_older_states(name):
+    value, fleet_keys, learnt = ADDED[name]
+    with pytest.raises(ValueError, match=f"{name} must be a finite number >= 0.0, got -1"):
+        Allocator(SPACE, **{name: -1})
+    alloc = Allocator(SPACE, seed=0, **{name: value})
+    simulate(SyntheticFleet.paper_mix(20, seed=0), alloc, 5, seed=0)
     state = json.loads(json.dumps(alloc.state_dict()))
     again = Allocator.from_state_dict(state)
-    assert again.value_confidence == 1.645 and again.fleet.value_sigma() == alloc.fleet.value_sigma() < np.inf
-    ids = list(range(20))
-    assert again.assign(ids, 6) == alloc.assign(ids, 6)
-    del state["value_confidence"], state["fleet"]["value_sq_sum"]  # a checkpoint from before it existed
-    with pytest.raises(ValueError, match="state value_confidence 0.0 differs from 1.645"):
+    assert getattr(again, name) == value and 0 < learnt(again.fleet) == learnt(alloc.fleet) < np.inf
+    assert again.assign(range(20), 6) == alloc.assign(range(20), 6)
+    del state[name]  # a checkpoint from before the setting existed
+    for key in fleet_keys:
+        del state["fleet"][key]
+    with pytest.raises(ValueError, match=f"state {name} 0.0 differs from {value}"):
         alloc.load_state_dict(state)
     old = Allocator.from_state_dict(state)
-    assert old.value_confidence == 0.0 and 0.0 <= old.fleet.value_sigma() <= alloc.fleet.value_sigma()
+    assert getattr(old, name) == 0.0 and 0.0 <= learnt(old.fleet) <= learnt(alloc.fleet)
