@@ -252,14 +252,14 @@ class SafeExploration:
 
     def worth_se(self, fleet: FleetModel) -> np.ndarray:
         """Standard error of each rank's learnt effect (ours; one per rank of the grid): the
-        fleet's residual sigma of log quality (:meth:`FleetModel.value_sigma`) over the square root of the
-        rank's discounted observations, ``inf`` for a rank nobody played or while the sigma is
+        fleet's residual sigma of log quality (:meth:`FleetModel.value_sigma`) over the square
+        root of the rank's discounted observations, ``inf`` for a rank nobody played or while the sigma is
         unknown. Used by ``value_confidence``."""
-        _, pulls = fleet.arm_values()
+        pulls = fleet.value_weight.sum(axis=0)  # what arm_values counts, without its fit
         n_rank = np.bincount(self._rank_index, weights=pulls, minlength=len(self.space.ranks))
-        sigma = fleet.value_sigma()
-        with np.errstate(divide="ignore"):
-            se = np.where(n_rank > 0, sigma / np.sqrt(np.maximum(n_rank, 1e-300)), np.inf)
+        se = np.full(n_rank.shape, np.inf)
+        played = n_rank > 0
+        se[played] = fleet.value_sigma() / np.sqrt(n_rank[played])
         return se
 
     def _progress_deadline(
