@@ -45,6 +45,8 @@ ALLOCATORS = {
     "deadline, progress deadline rule": {"deadline_rule": "progress"},
     "deadline, prune tolerance 1 noise sigma": {"prune_tolerance": 1.0},
     "deadline, value rule at a 95% lower bound": {"value_confidence": 1.645},
+    "deadline, value model with a round effect": {"value_round_effect": True},
+    "round effect, random in the same safe set": {"value_round_effect": True, "policy": "random"},
     "deadline, random in the same safe set": {"policy": "random"},
     "capacity rule, random in the same safe set": {"ratio_rule": "capacity", "policy": "random"},
     "deadline, per-device s-ucb in the safe set": {"policy": "s-ucb"},
@@ -111,7 +113,7 @@ def main() -> None:
     print("|---|---|")
     adapting = ("fedspine (deadline, pooled-ucb, value ratio rule)", "deadline, pooled-ucb centred per round")
     adapting += ("deadline, capacity ratio rule", "deadline, prune tolerance 1 noise sigma")
-    adapting += ("deadline, random in the same safe set",)
+    adapting += ("deadline, value model with a round effect", "deadline, random in the same safe set")
     for aname in adapting:
         kw = ALLOCATORS[aname]
         got = []

@@ -31,11 +31,19 @@ from fedspine.bandit.synthetic import SyntheticFleet  # noqa: E402
 
 
 def bench(
-    n_devices: int, policy: str | None, rounds: int, warmup: int, safe: bool, objective: str = "deadline"
+    n_devices: int,
+    policy: str | None,
+    rounds: int,
+    warmup: int,
+    safe: bool,
+    objective: str = "deadline",
+    **settings: object,
 ) -> dict[str, float]:
     space = ArmSpace.grid([round(0.1 * i, 1) for i in range(8)], [4, 8, 16, 32])
     fleet = SyntheticFleet.paper_mix(n_devices, seed=0)
-    alloc = Allocator(space, policy=policy, seed=0, safe_slack=0.05 if safe else None, objective=objective)
+    alloc = Allocator(
+        space, policy=policy, seed=0, safe_slack=0.05 if safe else None, objective=objective, **settings
+    )
     rng = np.random.default_rng(1)
     devices = list(range(n_devices))
     t_assign, t_observe = [], []
@@ -63,12 +71,24 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=20, help="timed rounds (median reported)")
     ap.add_argument("--warmup", type=int, default=5, help="untimed rounds first, so state is not empty")
     ap.add_argument("--no-safe", action="store_true", help="objective paper: turn the safe cap off")
+    ap.add_argument(
+        "--value-round-effect", action="store_true", help="objective deadline: the value model's round effect"
+    )
     args = ap.parse_args()
+    settings = {"value_round_effect": True} if args.value_round_effect else {}
     policies = sorted(POLICIES) if args.all_policies else [args.policy]
     print(f"{'policy':<20}{'devices':>9}{'assign ms':>11}{'observe ms':>12}{'total ms':>10}")
     for policy in policies:
         for n in args.sizes:
-            r = bench(n, policy, args.rounds, args.warmup, safe=not args.no_safe, objective=args.objective)
+            r = bench(
+                n,
+                policy,
+                args.rounds,
+                args.warmup,
+                safe=not args.no_safe,
+                objective=args.objective,
+                **settings,
+            )
             print(
                 f"{policy or 'default':<20}{n:>9}"
                 f"{r['assign_ms']:>11.2f}{r['observe_ms']:>12.2f}{r['total_ms']:>10.2f}"

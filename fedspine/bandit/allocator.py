@@ -48,6 +48,7 @@ _CONFIG_KEYS = (
     "deadline_rule",
     "prune_tolerance",
     "value_confidence",
+    "value_round_effect",
 )
 # Config keys added after state version 3 was written, with the value older states imply.
 _CONFIG_ADDED = {
@@ -55,6 +56,7 @@ _CONFIG_ADDED = {
     "deadline_rule": "shortest",
     "prune_tolerance": 0.0,
     "value_confidence": 0.0,
+    "value_round_effect": False,
 }
 
 
@@ -157,6 +159,12 @@ class Allocator:
     :meth:`SafeExploration.worth_se`); the prune is never undone, so one round's luck must
     not pay for it. 1.645 is a one-sided 95% bound.
 
+    ``value_round_effect`` (objective ``"deadline"``; ours, off by default): the value model
+    learns what each arm buys net of a shift common to the whole round (``FleetModel``'s
+    ``round_effect``), so the training phase, or a reward scale that moves, is not read as the
+    worth of the arms played that round. It needs :meth:`observe_round`; per-device reports
+    take the last round's shift.
+
     ``safe_slack`` (objective ``"paper"``; ours, not in the paper) turns on safe exploration: the
     fleet time model keeps every device's exploration under the round's predicted makespan at
     the reward-optimal arms, times ``1 + safe_slack``. ``None`` leaves pure per-device bandits.
@@ -188,6 +196,7 @@ class Allocator:
         deadline_rule: str = "shortest",
         prune_tolerance: float = 0.0,
         value_confidence: float = 0.0,
+        value_round_effect: bool = False,
     ):
         if not isinstance(space, ArmSpace):
             raise ValueError(f"space must be an ArmSpace, got {type(space).__name__}")
@@ -212,6 +221,7 @@ class Allocator:
         _check_number(value_shrink, "value_shrink", lo=0.0)
         _check_number(prune_tolerance, "prune_tolerance", lo=0.0)
         _check_number(value_confidence, "value_confidence", lo=0.0)
+        _check_bool(value_round_effect, "value_round_effect")
         if ratio_rule not in RATIO_RULES:
             raise ValueError(f"ratio_rule must be one of {list(RATIO_RULES)}, got {ratio_rule!r}")
         if deadline_rule not in DEADLINE_RULES:
@@ -221,9 +231,14 @@ class Allocator:
         self.change_factor = None if change_factor is None else float(change_factor)
         # The paper objective keeps its original time model exactly (no change detection).
         if objective == "deadline":  # sudden changes are caught by change_factor, so times fade slowly
-            self.fleet = FleetModel(len(space), decay=0.98, change_factor=self.change_factor)
+            self.fleet = FleetModel(
+                len(space),
+                decay=0.98,
+                change_factor=self.change_factor,
+                round_effect=bool(value_round_effect),
+            )
         else:
-            self.fleet = FleetModel(len(space))
+            self.fleet = FleetModel(len(space), round_effect=bool(value_round_effect))  # value model unused
         self._arm_ratios = np.array([a.ratio for a in space], dtype=np.float64)
         self._arm_ranks = np.array([a.rank for a in space], dtype=np.int64)
         self._grid_ratios = np.array(space.ratios)
@@ -267,6 +282,7 @@ class Allocator:
     deadline_rule = property(lambda self: self.safety.deadline_rule)
     prune_tolerance = property(lambda self: self.safety.prune_tolerance)
     value_confidence = property(lambda self: self.safety.value_confidence)
+    value_round_effect = property(lambda self: self.fleet.round_effect)
 
     # --- choosing ------------------------------------------------------------------------------
     def assign(self, device_ids: Iterable[DeviceId], round: int) -> dict[DeviceId, Arm]:
@@ -374,7 +390,7 @@ class Allocator:
             # and ratchet the device up the grid one step a round
             self.safety.observe(lanes[ok], self._arm_ratios[arm_idx[ok]])
         self.policy.update(lanes, arm_idx, rewards)
-        self.fleet.observe(lanes[ok], arm_idx[ok], r.times[ok], quality[ok])
+        self.fleet.observe(lanes[ok], arm_idx[ok], r.times[ok], quality[ok], whole_round=whole_round)
         if len(r.ids) == len(self._pending):  # ids are distinct and all pending: the whole round
             self._pending.clear()
         else:
@@ -497,6 +513,7 @@ class Allocator:
             "deadline_rule": self.deadline_rule,
             "prune_tolerance": self.prune_tolerance,
             "value_confidence": self.value_confidence,
+            "value_round_effect": self.value_round_effect,
             **self.safety.state_dict(),  # deadline, floor
             "rng": self.rng.bit_generator.state,
             "fleet": self.fleet.state_dict(),

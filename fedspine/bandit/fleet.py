@@ -82,15 +82,32 @@ class FleetModel:
     than that factor away from the device's own earlier times on the same arm wipes its older
     times (own times only: the pooled prediction can be off for one device by more than noise),
     so one surprising round re-estimates its speed instead of a slow EMA drift.
+
+    ``round_effect`` (ours; off by default) removes a shift common to one round's quality
+    before it enters the value model, ``log q[i, a, t] ~ theta_i + phi_a + tau_t``. Whatever
+    moves every device's quality at once (the training phase: loss gains shrink as the model
+    learns; a fleet-wide reward scale that grows with the best gain seen) would otherwise be
+    read as the effect of the arms played in that round, against the arms of round 1.
+    ``tau_t`` is the round's mean residual against the fit so far, over the reports whose
+    device and arm the fit already knows (:meth:`_round_offset`); a report outside a whole
+    round (:meth:`observe` with ``whole_round=False``) takes the last round's.
     """
 
-    def __init__(self, n_arms: int, decay: float = 0.9, change_factor: float | None = None):
+    def __init__(
+        self,
+        n_arms: int,
+        decay: float = 0.9,
+        change_factor: float | None = None,
+        round_effect: bool = False,
+    ):
         if not 0.0 < decay <= 1.0:
             raise ValueError(f"decay must be in (0, 1], got {decay!r}")
         if change_factor is not None and not change_factor > 1.0:
             raise ValueError(f"change_factor must be None (off) or > 1, got {change_factor!r}")
         self.n_arms, self.decay = n_arms, float(decay)
         self.change_factor = None if change_factor is None else float(change_factor)
+        self.round_effect = bool(round_effect)
+        self.value_offset = 0.0  # the last whole round's tau (round_effect), relative to round 1
         self.log_sum = np.zeros((0, n_arms))
         self.weight = np.zeros((0, n_arms))
         self.quality_sum = np.zeros(n_arms)
@@ -116,12 +133,24 @@ class FleetModel:
         self.value_weight = np.concatenate([self.value_weight, np.zeros((n, self.n_arms))])
         self.value_sq_sum = np.concatenate([self.value_sq_sum, np.zeros((n, self.n_arms))])
 
-    def observe(self, lanes: np.ndarray, arms: np.ndarray, times_s: np.ndarray, quality: np.ndarray) -> None:
-        """Record completed rounds (lanes distinct)."""
+    def observe(
+        self,
+        lanes: np.ndarray,
+        arms: np.ndarray,
+        times_s: np.ndarray,
+        quality: np.ndarray,
+        whole_round: bool = True,
+    ) -> None:
+        """Record completed rounds (lanes distinct); ``whole_round``: the reports are one
+        whole round (what ``round_effect`` estimates its shift from)."""
         self.quality_sum += np.bincount(arms, weights=quality, minlength=self.n_arms)
         self.quality_n += np.bincount(arms, minlength=self.n_arms)
-        _decay_rows(self.decay, lanes, self.value_log_sum, self.value_weight, self.value_sq_sum)
         log_q = np.log(np.maximum(quality, VALUE_FLOOR))
+        if self.round_effect:
+            if whole_round:
+                self.value_offset = self._round_offset(lanes, arms, log_q)
+            log_q = log_q - self.value_offset
+        _decay_rows(self.decay, lanes, self.value_log_sum, self.value_weight, self.value_sq_sum)
         self.value_log_sum[lanes, arms] += log_q
         self.value_sq_sum[lanes, arms] += log_q**2
         self.value_weight[lanes, arms] += 1.0
@@ -146,6 +175,15 @@ class FleetModel:
         _decay_rows(self.decay, lanes, self.log_sum, self.weight)
         self.log_sum[lanes, arms] += log_t
         self.weight[lanes, arms] += 1.0
+
+    def _round_offset(self, lanes: np.ndarray, arms: np.ndarray, log_q: np.ndarray) -> float:
+        """This round's shift of log quality: its mean residual against the value fit so far
+        over the reports of known devices on known arms; the last round's where none is known
+        (round 1 defines the level: 0)."""
+        theta, phi = fit_factors(self.value_log_sum, self.value_weight)
+        resid = log_q - theta[lanes] - phi[arms]
+        known = np.isfinite(resid)
+        return float(resid[known].mean()) if known.any() else self.value_offset
 
     def fit(self) -> tuple[np.ndarray, np.ndarray]:
         """Device slowness theta (NaN if never observed) and arm cost phi (NaN if nobody ran it)."""
@@ -208,6 +246,8 @@ class FleetModel:
         return {
             "decay": self.decay,
             "change_factor": self.change_factor,
+            "round_effect": self.round_effect,
+            "value_offset": self.value_offset,
             "log_sum": self.log_sum.tolist(),
             "weight": self.weight.tolist(),
             "quality_sum": self.quality_sum.tolist(),
@@ -223,6 +263,8 @@ class FleetModel:
         self.decay = float(state["decay"])  # older states also carry "sweeps", no longer used
         cf = state.get("change_factor")
         self.change_factor = None if cf is None else float(cf)
+        self.round_effect = bool(state.get("round_effect", False))  # both added within version 3
+        self.value_offset = float(state.get("value_offset", 0.0))
         self.log_sum = np.asarray(state["log_sum"], dtype=np.float64).reshape(-1, self.n_arms)
         self.weight = np.asarray(state["weight"], dtype=np.float64).reshape(-1, self.n_arms)
         self.quality_sum = np.asarray(state["quality_sum"], dtype=np.float64)

@@ -63,6 +63,7 @@ class FedSpineParams:
     deadline_rule: str = "shortest"  # objective "deadline": "progress" may lengthen it for worth
     prune_tolerance: float = 0.0  # objective "deadline": noise sigmas a miss must exceed to prune; 0: off
     value_confidence: float = 0.0  # ratio rule "value": std errors off a rank's worth to prune; 0: off
+    value_round_effect: bool = False  # objective "deadline": learn arm worth net of each round's shift
     reward: RewardConfig = field(default_factory=RewardConfig)
 
     def __post_init__(self) -> None:
@@ -228,6 +229,7 @@ class FedSpine(ArmAssigner):
             deadline_rule=p.deadline_rule,
             prune_tolerance=p.prune_tolerance,
             value_confidence=p.value_confidence,
+            value_round_effect=p.value_round_effect,
             monotone_pruning=True,  # a simulated device never regrows what it pruned
         )
 

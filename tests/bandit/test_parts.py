@@ -20,6 +20,7 @@ STATE_KEYS = [
     "deadline_rule",  # added within version 3: a state without it loads as "shortest"
     "prune_tolerance",  # added within version 3: a state without it loads as 0 (off)
     "value_confidence",  # added within version 3: a state without it loads as 0 (off)
+    "value_round_effect",  # added within version 3: a state without it loads as False (off)
     "deadline", "floor",
     "rng", "fleet", "policy", "lanes", "pending", "round", "gain_ref", "norm_ref", "time_ref_ema",
     "times_round", "times",
