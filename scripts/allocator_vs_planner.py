@@ -121,8 +121,34 @@ def main() -> None:
             run = simulate(fleet, Allocator(SPACE, seed=s, **kw), 40, seed=s, change=(21, slow, 3.0))
             got.append(rounds_to_adapt(run, slow, planner_cap, start=20))
         print(f"| {aname} | {', '.join('never' if g is None else str(g) for g in got)} |")
+    learnt_worth(fleet, args.rounds)
     if args.figures:
         mechanism_figures(Path(args.figures), args.rounds)
+
+
+def learnt_worth(fleet: SyntheticFleet, rounds: int) -> None:
+    """What the value model has learnt an arm is worth after ``rounds`` rounds (allocator seed
+    0), against the fleet's true expected gain, as log ratios to the unpruned rank 4."""
+    n_ranks = len(SPACE.ranks)
+    true = np.log(fleet.expected_gains(SPACE)).reshape(-1, n_ranks)
+    true -= true[0, 0]
+    print(f"\n## Learnt worth after {rounds} rounds (paper mix, seed 10; log, against unpruned rank 4)")
+    head = " | ".join(f"rank {r}" for r in SPACE.ranks[1:])
+    print(f"| value model | {head} | ratio {SPACE.ratios[5]} |")
+    print("|---|" + "---:|" * n_ranks)
+    rows = {"truth (the fleet's expected gain)": true}
+    compared = (
+        "fedspine (deadline, pooled-ucb, value ratio rule)",
+        "deadline, value model with a round effect",
+    )
+    for aname in compared:
+        alloc = Allocator(SPACE, seed=0, **ALLOCATORS[aname])
+        simulate(fleet, alloc, rounds, seed=0)
+        w = alloc.safety.arm_worth(alloc.fleet).reshape(-1, n_ranks)
+        rows[aname] = w - w[0, 0]
+    for name, w in rows.items():
+        cells = " | ".join(f"{v:+.2f}" for v in [*w[0, 1:], w[5, 0]])
+        print(f"| {name} | {cells} |")
 
 
 def mechanism_figures(out: Path, rounds: int) -> None:
