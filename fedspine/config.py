@@ -550,6 +550,17 @@ def config_from_mapping(raw: Mapping[str, Any], overrides: Mapping[str, Any] | N
     return validate(from_mapping(RunConfig, raw, ""))
 
 
+def fill_missing(stored: Any, defaults: Any) -> Any:
+    """``stored`` (nested plain data, as a run recorded it) with every key of ``defaults`` it lacks
+    added, at any depth: how a record from before a field existed is read today."""
+    if not (isinstance(stored, dict) and isinstance(defaults, dict)):
+        return stored
+    out = {k: fill_missing(v, defaults.get(k)) for k, v in stored.items()}
+    for k, v in defaults.items():
+        out.setdefault(k, v)
+    return out
+
+
 def field_defaults(cls: type = RunConfig, where: str = "") -> dict[str, Any]:
     """Every field's full name (``"train.lr"``) and default, sections flattened, in declaration
     order: what ``fedspine run --help`` lists and the README's configuration tables hold."""

@@ -50,8 +50,9 @@ _CONFIG_KEYS = (
     "value_confidence",
     "value_round_effect",
 )
-# Config keys added after state version 3 was written, with the value older states imply.
-_CONFIG_ADDED = {
+# Config keys added after state version 3 was written, with the value older states imply (the
+# behaviour from before the key existed, which is not always today's default).
+CONFIG_ADDED = {
     "value_shrink": 0.0,
     "deadline_rule": "shortest",
     "prune_tolerance": 0.0,
@@ -61,7 +62,7 @@ _CONFIG_ADDED = {
 
 
 def _saved_config(state: Mapping[str, Any], name: str) -> Any:
-    return state.get(name, _CONFIG_ADDED[name]) if name in _CONFIG_ADDED else state[name]
+    return state.get(name, CONFIG_ADDED[name]) if name in CONFIG_ADDED else state[name]
 
 
 DEFAULT_POLICY = {"deadline": "pooled-ucb", "paper": "s-ucb"}
@@ -152,7 +153,8 @@ class Allocator:
     not pruned further for it; it plays its fastest arm at that pruning, and the round may run
     that much longer than the deadline.
 
-    ``value_confidence`` (objective ``"deadline"`` with ``ratio_rule="value"``; ours, 0 = off):
+    ``value_confidence`` (objective ``"deadline"`` with ``ratio_rule="value"``; ours, default
+    1.645, 0 = off; adopted by the pre-registered fresh-seed test in experiments/README.md):
     a rank buys pruning only on its lower confidence bound, its learnt worth less this many
     standard errors of its difference from the rank it would replace (the fleet's residual
     sigma of log quality over the square root of each rank's observations,
@@ -195,7 +197,7 @@ class Allocator:
         value_shrink: float = 0.0,
         deadline_rule: str = "shortest",
         prune_tolerance: float = 0.0,
-        value_confidence: float = 0.0,
+        value_confidence: float = 1.645,
         value_round_effect: bool = False,
     ):
         if not isinstance(space, ArmSpace):

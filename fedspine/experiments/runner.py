@@ -38,6 +38,30 @@ def _config_key(cfg: Any) -> str:
     return json.dumps(cfg, sort_keys=True)
 
 
+def _effect_key(cfg: Any, recorded: Any = None) -> str | None:
+    """A run's config with its strategy parameters as it resolved them (``recorded``, from its
+    summary; None: today's defaults): runs with the same key do the same, whether a parameter was
+    spelled out or left at a default. None when today's code cannot read the parameters."""
+    from fedspine.fl.strategies import recorded_params, resolved_params
+
+    try:
+        name, raw = cfg["strategy"]["name"], cfg["strategy"]["params"]
+        params = recorded_params(name, recorded) if recorded is not None else resolved_params(name, raw)
+    except Exception:  # a strategy or parameter since removed: matches nothing
+        return None
+    return _config_key({**cfg, "strategy": {**cfg["strategy"], "params": params}})
+
+
+def _by_effect(found: dict[str, Path]) -> dict[str, Path]:
+    out: dict[str, Path] = {}
+    for path in found.values():
+        recorded = (_read_json(path / "summary.json") or {}).get("strategy_params")
+        key = _effect_key(_stored_config(path / "config.json"), recorded)
+        if key is not None:
+            out.setdefault(key, path)
+    return out
+
+
 def _wanted(cell: Cell) -> dict[str, Any]:
     return json.loads(json.dumps(cell.cfg.to_dict()))
 
@@ -46,21 +70,21 @@ def _same_defaults(cell: Cell, source: Path) -> bool:
     """Whether a finished run elsewhere resolved the cell's strategy parameters as today's code
     does (a changed default changes a run, not its config). A run from before summaries recorded
     them is taken as the same: results.md says which runs were copied."""
-    from fedspine.fl.strategies import resolved_params
+    from fedspine.fl.strategies import recorded_params, resolved_params
 
     recorded = (_read_json(source / "summary.json") or {}).get("strategy_params")
     if recorded is None:
         return True
     name = cell.cfg.strategy.name
-    # a parameter added since that run: at its default, the behaviour from before it existed
-    # (as in _stored_config); a value the cell sets is in its config, which is compared apart
-    filled = _fill_missing(recorded, json.loads(json.dumps(resolved_params(name, {}))))
-    return filled == resolved_params(name, cell.cfg.strategy.params)
+    # a parameter added since that run: at the value from before it existed (recorded_params);
+    # a value the cell sets is in its config, which is compared apart
+    return recorded_params(name, recorded) == resolved_params(name, cell.cfg.strategy.params)
 
 
 def _is_finished(cell: Cell, out: Path) -> bool:
     run_dir = cell.run_dir(out)
-    return (run_dir / "summary.json").exists() and _stored_config(run_dir / "config.json") == _wanted(cell)
+    done = (run_dir / "summary.json").exists() and _stored_config(run_dir / "config.json") == _wanted(cell)
+    return done and _same_defaults(cell, run_dir)
 
 
 def read_finished(cells: Sequence[Cell], out: str | Path) -> tuple[list[CellResult], list[Cell]]:
@@ -89,7 +113,9 @@ def run_cells(
     one resumes from its checkpoint, one whose config changed starts over.
 
     A cell whose exact config already ran to the end under one of the ``reuse`` folders (another
-    experiment's results, say) is copied from there instead of run again; its summary records
+    experiment's results, say; the strategy's parameters compared as each run resolved them, so
+    a default spelled out matches one left implicit, and a changed default matches nothing) is
+    copied from there instead of run again; its summary records
     ``reused_from`` and results.md lists it. A run's numbers follow from its config and seed, so
     the copy is what a rerun would give, for none of the compute. Cells of this call whose configs
     are identical (an unpruned ceiling that ignores a sweep's arm grid, say) run once the same way.
@@ -98,9 +124,12 @@ def run_cells(
     from fedspine.fl.retime import timing_free_key
     from fedspine.fl.simulator import run_in_dir
     from fedspine.fl.strategies import STRATEGIES
+    from fedspine.logging import write_atomic
 
     out = Path(out)
     elsewhere = finished_runs(reuse) if reuse else {}
+    # the same runs by what they did: a run that spelled out today's defaults is a copy too
+    effects = _by_effect(elsewhere)
     # Finished runs of strategies that never read the clock, by their config without the fleet's
     # timing fields: a cell that differs from one only there is retimed, not trained (fl.retime).
     retimable = {timing_free_key(json.loads(k)): p for k, p in elsewhere.items()}
@@ -115,14 +144,18 @@ def run_cells(
             print(f"{label}: config changed since the last run; starting over", flush=True)
             shutil.rmtree(run_dir)
             have = None
-        source = elsewhere.get(_config_key(want))
-        if have is None and source is not None and not _same_defaults(cell, source):
-            print(f"{label}: {source} ran other strategy defaults; not copied", flush=True)
-            source = None
+        if have is not None and (run_dir / "summary.json").exists() and not _same_defaults(cell, run_dir):
+            print(f"{label}: ran under other strategy defaults; starting over", flush=True)
+            shutil.rmtree(run_dir)
+            have = None
+        source = effects.get(_effect_key(want) or "")
+        same = elsewhere.get(_config_key(want))
+        if have is None and source is None and same is not None:
+            print(f"{label}: {same} ran other strategy defaults; not copied", flush=True)
         if have is None and source is not None and source.resolve() != run_dir.resolve():
             run_dir.mkdir(parents=True, exist_ok=True)
-            for name in ("config.json", "metrics.jsonl"):
-                shutil.copyfile(source / name, run_dir / name)
+            write_atomic(run_dir / "config.json", json.dumps(want, indent=2, default=str))
+            shutil.copyfile(source / "metrics.jsonl", run_dir / "metrics.jsonl")
             summary = {**_read_json(source / "summary.json"), "reused_from": source.as_posix()}
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
             print(f"{label}: same config finished in {source}; copied", flush=True)
@@ -134,7 +167,7 @@ def run_cells(
         if have is not None and (run_dir / "summary.json").exists():
             print(f"{label}: done before, read back", flush=True)
             results.append(_read_back(cell, run_dir))
-            _remember(elsewhere, retimable, want, run_dir)
+            _remember(elsewhere, effects, retimable, want, run_dir)
             continue
         resume = (run_dir / "checkpoint").exists()
         print(f"{label}: {'resuming' if resume else 'running'} -> {run_dir}", flush=True)
@@ -154,14 +187,21 @@ def run_cells(
             flush=True,
         )
         results.append(CellResult(cell, res.records, res.summary))
-        _remember(elsewhere, retimable, want, run_dir)
+        _remember(elsewhere, effects, retimable, want, run_dir)
     return results
 
 
-def _remember(elsewhere: dict[str, Path], retimable: dict[str, Path], config: Any, run_dir: Path) -> None:
+def _remember(
+    elsewhere: dict[str, Path],
+    effects: dict[str, Path],
+    retimable: dict[str, Path],
+    config: Any,
+    run_dir: Path,
+) -> None:
     from fedspine.fl.retime import timing_free_key
 
     elsewhere.setdefault(_config_key(config), run_dir)
+    effects.setdefault(_effect_key(config) or "", run_dir)
     retimable.setdefault(timing_free_key(config), run_dir)
 
 
@@ -207,18 +247,9 @@ def _stored_config(path: Path) -> Any:
     stored = _read_json(path)
     if stored is None:
         return None
-    from fedspine.config import RunConfig
+    from fedspine.config import RunConfig, fill_missing
 
-    return _fill_missing(stored, json.loads(json.dumps(RunConfig().to_dict())))
-
-
-def _fill_missing(stored: Any, defaults: Any) -> Any:
-    if not (isinstance(stored, dict) and isinstance(defaults, dict)):
-        return stored
-    out = {k: _fill_missing(v, defaults.get(k)) for k, v in stored.items()}
-    for k, v in defaults.items():
-        out.setdefault(k, v)
-    return out
+    return fill_missing(stored, json.loads(json.dumps(RunConfig().to_dict())))
 
 
 __all__ = ["CellResult", "finished_runs", "read_finished", "run_cells"]

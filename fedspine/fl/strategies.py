@@ -10,6 +10,8 @@ params dataclass and one registry entry. numpy only.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -17,9 +19,9 @@ from typing import Any, ClassVar
 import numpy as np
 
 from fedspine.bandit import POLICIES, Allocator, Arm, ArmSpace, RewardConfig, RoundReport
-from fedspine.bandit.allocator import OBJECTIVES
+from fedspine.bandit.allocator import CONFIG_ADDED, OBJECTIVES
 from fedspine.bandit.safety import DEADLINE_RULES, RATIO_RULES
-from fedspine.config import ConfigError, from_mapping, require
+from fedspine.config import ConfigError, fill_missing, from_mapping, require
 from fedspine.fl.messages import Failure, TrainRes
 
 PARAMS = "strategy.params."  # how errors name a strategy's parameters
@@ -62,7 +64,7 @@ class FedSpineParams:
     value_shrink: float = 0.0  # ratio rule "value": pseudo-observations shrinking rank worth; 0: off
     deadline_rule: str = "shortest"  # objective "deadline": "progress" may lengthen it for worth
     prune_tolerance: float = 0.0  # objective "deadline": noise sigmas a miss must exceed to prune; 0: off
-    value_confidence: float = 0.0  # ratio rule "value": std errors off a rank's worth to prune; 0: off
+    value_confidence: float = 1.645  # ratio rule "value": std errors off a rank's worth to prune; 0: off
     value_round_effect: bool = False  # objective "deadline": learn arm worth net of each round's shift
     reward: RewardConfig = field(default_factory=RewardConfig)
 
@@ -157,6 +159,10 @@ class ArmAssigner:
     # does not can be retimed onto another fleet (fedspine.fl.retime) instead of trained again.
     reads_clock: ClassVar[bool] = False
     Params: ClassVar[type] = NoParams
+    # Parameters added since run summaries began to record them, with the value that reproduces
+    # the behaviour from before each existed (not always today's default): how an older run's
+    # summary is read (``recorded_params``).
+    params_added: ClassVar[Mapping[str, Any]] = {}
 
     def __init__(self, ctx: StrategyContext):
         self.ctx = ctx
@@ -209,6 +215,7 @@ class FedSpine(ArmAssigner):
     aggregation = "zero-pad"
     reads_clock = True
     Params = FedSpineParams
+    params_added = {k: v for k, v in CONFIG_ADDED.items() if k in FedSpineParams.__dataclass_fields__}
 
     def __init__(self, ctx: StrategyContext):
         super().__init__(ctx)
@@ -386,12 +393,17 @@ STRATEGIES: dict[str, type[ArmAssigner]] = {
 def resolved_params(name: str, raw: Mapping[str, Any] | None) -> dict[str, Any]:
     """Strategy ``name``'s parameters with every default filled in, as plain JSON data: what a
     run's summary records, since a changed default changes a run without changing its config."""
-    import dataclasses
-    import json
-
     params = STRATEGIES[name].parse_params(raw or {})
     plain = dataclasses.asdict(params) if dataclasses.is_dataclass(params) else {}
     return json.loads(json.dumps(plain, default=str))
+
+
+def recorded_params(name: str, recorded: Mapping[str, Any]) -> dict[str, Any]:
+    """A run summary's ``strategy_params`` read as that run behaved: a parameter added since it
+    ran takes the value from before it existed (the strategy's ``params_added``), else today's
+    default, so that a flipped default never passes an older run off as a run of the new one."""
+    before = json.loads(json.dumps(dict(STRATEGIES[name].params_added)))
+    return fill_missing(recorded, {**resolved_params(name, {}), **before})
 
 
 def make_strategy(name: str, ctx: StrategyContext) -> ArmAssigner:

@@ -11,6 +11,7 @@ import yaml
 
 from fedspine.experiments import Cell, CellResult, load_experiment, plan, rows, run_cells, speedup
 from fedspine.experiments.report import arms_per_tier, bootstrap_interval
+from fedspine.experiments.runner import read_finished
 
 ROOT = Path(__file__).resolve().parents[2]
 SPECS = sorted(
@@ -430,6 +431,24 @@ def test_a_run_finished_elsewhere_with_the_same_config_is_copied_not_rerun(tmp_p
     (source / "summary.json").write_text(json.dumps(summary))
     (result,) = run_cells([fedavg], tmp_path / "fourth", reuse=[first])
     assert result.summary["reused_from"] == source.as_posix()
+    # a default spelled out in the finished run's config is the run that leaves it implicit
+    config = json.loads((source / "config.json").read_text())
+    config["strategy"]["params"] = {"rank": 8}
+    (source / "config.json").write_text(json.dumps(config))
+    (result,) = run_cells([fedavg], tmp_path / "fifth", reuse=[first])
+    assert result.summary["reused_from"] == source.as_posix()
+    copied = json.loads((fedavg.run_dir(tmp_path / "fifth") / "config.json").read_text())
+    assert copied["strategy"]["params"] == {}  # the cell's own config, as a rerun would write
+
+    # a finished run in place whose summary records another default is stale: rerun, not read back
+    fourth = fedavg.run_dir(tmp_path / "fourth")
+    summary = json.loads((fourth / "summary.json").read_text())
+    (fourth / "summary.json").write_text(json.dumps({**summary, "strategy_params": {"rank": 16}}))
+    assert read_finished([fedavg], tmp_path / "fourth") == ([], [fedavg])
+    capsys.readouterr()
+    with pytest.raises(AssertionError, match="must not train"):
+        run_cells([fedavg], tmp_path / "fourth")
+    assert "ran under other strategy defaults; starting over" in capsys.readouterr().out
 
 
 @pytest.mark.slow

@@ -123,3 +123,18 @@ def test_params_come_from_a_mapping_or_ready_made():
     assert typed.configure(1, ["a"]) == {"a": Arm(0.2, 8)}
     assert make_strategy("fixed-prune", ctx(ratio=0)).params.ratio == 0.0  # YAML's 0 is the float 0.0
     assert make_strategy("random-arm", ctx()).params == NoParams()
+
+
+def test_an_older_summary_is_read_with_the_values_from_before_its_missing_parameters():
+    """A summary from before ``value_confidence`` existed ran without the bound (0), not under
+    today's default, so it must not pass for a run of today's FedSpine."""
+    from fedspine.fl.strategies import recorded_params, resolved_params
+
+    today = resolved_params("fedspine", {})
+    older = {k: v for k, v in today.items() if k not in ("value_confidence", "value_round_effect")}
+    assert today["value_confidence"] == 1.645
+    read = recorded_params("fedspine", older)
+    assert read["value_confidence"] == 0.0 and read["value_round_effect"] is False
+    assert read != today and read == resolved_params("fedspine", {"value_confidence": 0.0})
+    assert recorded_params("fedspine", today) == today
+    assert recorded_params("fixed-prune", {}) == resolved_params("fixed-prune", {})  # nothing added
