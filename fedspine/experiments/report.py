@@ -456,6 +456,23 @@ def environment() -> dict[str, str]:
     return env
 
 
+# Runs a page holds that were not trained for it: the summary key naming where they came from,
+# and what results.md says of them.
+_BORROWED = {
+    "reused_from": "Runs copied from an identical config that had already finished (`--reuse`): ",
+    "retimed_from": (
+        "Runs retimed, not trained (`fedspine.fl.retime`): a strategy that never reads the clock "
+        "learns the same on a fleet that differs only in device speed, so these are the named "
+        "run's records with the round times of this fleet: "
+    ),
+    "replayed_from": (
+        "Runs replayed, not trained (`fedspine.fl.replay`): fed the named run's observations, "
+        "this row's strategy parameters assign every device the same arm in every round, so "
+        "these are that run's records: "
+    ),
+}
+
+
 def write_results(
     exp: Experiment,
     results: Sequence[CellResult],
@@ -474,8 +491,7 @@ def write_results(
     tables = rows(results, exp.reference)
     figs = make_figures(exp, results, out) if figures else {}
     env = environment()
-    borrowed = ("reused_from", "retimed_from")
-    wall = sum(r.summary.get("wall_s", 0.0) for r in results if not any(r.summary.get(k) for k in borrowed))
+    wall = sum(r.summary.get("wall_s", 0.0) for r in results if not any(r.summary.get(k) for k in _BORROWED))
     seed_ids = sorted({r.cell.seed for r in results})
     seeds = f"{len(seed_ids)} seed(s)"
     if seed_ids != list(range(len(seed_ids))):  # not 0..n-1 (a confirmation on fresh seeds): name them
@@ -515,24 +531,11 @@ def write_results(
             + ".",
             "",
         ]
-    reused = [r for r in results if r.summary.get("reused_from")]
-    if reused:
-        md += [
-            "Runs copied from an identical config that had already finished (`--reuse`): "
-            + "; ".join(f"{_cell_name(r.cell)} from `{r.summary['reused_from']}`" for r in reused)
-            + ".",
-            "",
-        ]
-    retimed = [r for r in results if r.summary.get("retimed_from")]
-    if retimed:
-        md += [
-            "Runs retimed, not trained (`fedspine.fl.retime`): a strategy that never reads the clock "
-            "learns the same on a fleet that differs only in device speed, so these are the named "
-            "run's records with the round times of this fleet: "
-            + "; ".join(f"{_cell_name(r.cell)} from `{r.summary['retimed_from']}`" for r in retimed)
-            + ".",
-            "",
-        ]
+    for key, what in _BORROWED.items():
+        named = [r for r in results if r.summary.get(key)]
+        if named:
+            runs = "; ".join(f"{_cell_name(r.cell)} from `{r.summary[key]}`" for r in named)
+            md += [f"{what}{runs}.", ""]
     md += _precision_note(results)
     md += _code_note(results)
     for g, table in tables.items():

@@ -120,7 +120,11 @@ def run_cells(
     the copy is what a rerun would give, for none of the compute. Cells of this call whose configs
     are identical (an unpruned ceiling that ignores a sweep's arm grid, say) run once the same way.
     A cell of a strategy that never reads the clock, whose config differs from a finished run's
-    only in the fleet's timing, is retimed from it (``fedspine.fl.retime``; ``retimed_from``)."""
+    only in the fleet's timing, is retimed from it (``fedspine.fl.retime``; ``retimed_from``). A
+    cell of one that does (FedSpine), whose config differs from a finished run's only in the
+    strategy's parameters, or whose own finished run ran under a default changed since, is that
+    run when its parameters, fed the run's observations, allocate every arm it did
+    (``fedspine.fl.replay``; ``replayed_from``)."""
     from fedspine.fl.retime import timing_free_key
     from fedspine.fl.simulator import run_in_dir
     from fedspine.fl.strategies import STRATEGIES
@@ -133,21 +137,28 @@ def run_cells(
     # Finished runs of strategies that never read the clock, by their config without the fleet's
     # timing fields: a cell that differs from one only there is retimed, not trained (fl.retime).
     retimable = {timing_free_key(json.loads(k)): p for k, p in elsewhere.items()}
+    # Finished runs by their config without the strategy's parameters: a cell of a strategy that
+    # reads the clock and differs from one only there is replayed first (fl.replay).
+    replayable: dict[str, list[Path]] = {}
+    for k, p in elsewhere.items():
+        replayable.setdefault(_params_free_key(json.loads(k)), []).append(p)
     worlds: dict[str, Any] = {}  # model section -> a World, for the time model's shapes
     results = []
     for i, cell in enumerate(cells, 1):
         run_dir = cell.run_dir(out)
         label = f"[{i}/{len(cells)}] {cell.group + ' ' if cell.group else ''}{cell.variant} seed {cell.seed}"
         want = _wanted(cell)
+        reads_clock = STRATEGIES[cell.cfg.strategy.name].reads_clock
         have = _stored_config(run_dir / "config.json")
         if have is not None and have != want:
             print(f"{label}: config changed since the last run; starting over", flush=True)
             shutil.rmtree(run_dir)
             have = None
         if have is not None and (run_dir / "summary.json").exists() and not _same_defaults(cell, run_dir):
-            print(f"{label}: ran under other strategy defaults; starting over", flush=True)
-            shutil.rmtree(run_dir)
-            have = None
+            have = _replayed(cell, run_dir, run_dir, label) if reads_clock else None
+            if have is None:
+                print(f"{label}: ran under other strategy defaults; starting over", flush=True)
+                shutil.rmtree(run_dir)
         source = effects.get(_effect_key(want) or "")
         same = elsewhere.get(_config_key(want))
         if have is None and source is None and same is not None:
@@ -160,14 +171,16 @@ def run_cells(
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
             print(f"{label}: same config finished in {source}; copied", flush=True)
             have = want
-        blind = not STRATEGIES[cell.cfg.strategy.name].reads_clock
-        moved = retimable.get(timing_free_key(want)) if blind else None
+        moved = retimable.get(timing_free_key(want)) if not reads_clock else None
         if have is None and source is None and moved is not None:
             have = _retimed(cell, moved, run_dir, label, worlds)
+        for like in replayable.get(_params_free_key(want), []) if reads_clock else []:
+            if have is None and source is None:
+                have = _replayed(cell, like, run_dir, label)
         if have is not None and (run_dir / "summary.json").exists():
             print(f"{label}: done before, read back", flush=True)
             results.append(_read_back(cell, run_dir))
-            _remember(elsewhere, effects, retimable, want, run_dir)
+            _remember(elsewhere, effects, retimable, replayable, want, run_dir)
             continue
         resume = (run_dir / "checkpoint").exists()
         print(f"{label}: {'resuming' if resume else 'running'} -> {run_dir}", flush=True)
@@ -187,7 +200,7 @@ def run_cells(
             flush=True,
         )
         results.append(CellResult(cell, res.records, res.summary))
-        _remember(elsewhere, effects, retimable, want, run_dir)
+        _remember(elsewhere, effects, retimable, replayable, want, run_dir)
     return results
 
 
@@ -195,6 +208,7 @@ def _remember(
     elsewhere: dict[str, Path],
     effects: dict[str, Path],
     retimable: dict[str, Path],
+    replayable: dict[str, list[Path]],
     config: Any,
     run_dir: Path,
 ) -> None:
@@ -202,6 +216,7 @@ def _remember(
 
     elsewhere.setdefault(_config_key(config), run_dir)
     effects.setdefault(_effect_key(config) or "", run_dir)
+    replayable.setdefault(_params_free_key(config), []).append(run_dir)
     retimable.setdefault(timing_free_key(config), run_dir)
 
 
@@ -232,6 +247,47 @@ def _retimed(cell: Cell, source: Path, run_dir: Path, label: str, worlds: dict[s
     write_atomic(run_dir / "metrics.jsonl", "".join(json.dumps(r, default=float) + "\n" for r in records))
     write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2, default=float))
     print(f"{label}: the same training finished in {source} on another fleet; retimed", flush=True)
+    return _wanted(cell)
+
+
+def _params_free_key(config: Any) -> str:
+    """Canonical JSON of a config dict without the strategy's parameters and the ``log`` section."""
+    plain = json.loads(json.dumps(config))
+    plain.pop("log", None)
+    plain.get("strategy", {}).pop("params", None)
+    return json.dumps(plain, sort_keys=True)
+
+
+def _replayed(cell: Cell, source: Path, run_dir: Path, label: str) -> Any:
+    """Write ``cell``'s run as ``source``'s records when the cell's strategy, fed that run's
+    observations, assigns every arm it did (``fedspine.fl.replay``), and return the cell's config;
+    None (and say where they part, or why it cannot tell) when the cell must run."""
+    from fedspine.config import config_from_mapping
+    from fedspine.fl.replay import ReplayError, first_divergence
+    from fedspine.fl.strategies import resolved_params
+    from fedspine.logging import read_metrics, write_atomic
+
+    try:
+        records = read_metrics(source)
+        ran = config_from_mapping(_read_json(source / "config.json"))
+        parts = first_divergence(records, ran, cell.cfg)
+    except ReplayError as exc:
+        print(f"{label}: not replayed from {source}: {exc}", flush=True)
+        return None
+    if parts is not None:
+        print(f"{label}: {source} allocates differently from round {parts}; not replayed", flush=True)
+        return None
+    summary = dict(_read_json(source / "summary.json"))
+    summary.pop("reused_from", None)
+    summary.setdefault("ran_strategy_params", summary.get("strategy_params"))  # what it was run with
+    summary["strategy_params"] = resolved_params(cell.cfg.strategy.name, cell.cfg.strategy.params)
+    summary["replayed_from"] = summary.get("replayed_from") or source.as_posix()
+    run_dir.mkdir(parents=True, exist_ok=True)  # the summary last: a run is finished once it exists
+    if source.resolve() != run_dir.resolve():
+        write_atomic(run_dir / "metrics.jsonl", (source / "metrics.jsonl").read_text())
+    write_atomic(run_dir / "config.json", json.dumps(_wanted(cell), indent=2, default=str))
+    write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2, default=float))
+    print(f"{label}: the same allocation as {source}, round for round; replayed", flush=True)
     return _wanted(cell)
 
 

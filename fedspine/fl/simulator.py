@@ -269,6 +269,17 @@ class Simulation:
             "loss_before": float(np.mean([r.loss_before for r in results])) if results else None,
             "loss_after": float(np.mean([r.loss_after for r in results])) if results else None,
             "mean_sparsity": float(np.mean([r.achieved_ratio for r in results])) if results else None,
+            # what each device reported (the allocator's inputs besides its round time), so that
+            # a run can be analysed, or its allocation replayed, device by device
+            "reports": {
+                r.device_id: {
+                    "loss_before": r.loss_before,
+                    "loss_after": r.loss_after,
+                    "achieved_ratio": r.achieved_ratio,
+                    "update_norm": r.update_norm,
+                }
+                for r in results
+            },
         }
         if rnd % self.cfg.eval.every == 0 or self.finished:
             record["accuracy"] = self.evaluate_global()

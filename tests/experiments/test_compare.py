@@ -517,3 +517,59 @@ def test_every_variant_of_a_figure_gets_its_own_line():
     styles = line_styles(labels, reference="v3")
     assert len({(tuple(s["color"]), s["ls"]) for s in styles.values()}) == 13
     assert styles["v3"]["lw"] > styles["v0"]["lw"] and styles["v3"]["zorder"] > styles["v0"]["zorder"]
+
+
+@pytest.mark.slow
+def test_a_fedspine_run_whose_allocation_replays_is_not_trained_again(tmp_path, monkeypatch, capsys):
+    """Parameters that, fed a finished run's observations, allocate every arm it did give that
+    run (fedspine.fl.replay): copied from --reuse, or kept in place when a default changed."""
+    variants = {
+        "fedspine": {"strategy.name": "fedspine"},
+        "no bound": {"strategy.name": "fedspine", "strategy.params": {"value_confidence": 0.0}},
+        "paper": {"strategy.name": "fedspine", "strategy.params": {"objective": "paper"}},
+    }
+    cells = plan(load_experiment(write_spec(tmp_path, variants)), seeds=1)
+    ours, no_bound, paper = (next(c for c in cells if c.variant == v) for v in variants)
+    first = tmp_path / "first"
+    (done,) = run_cells([ours], first)
+
+    import fedspine.fl.simulator as simulator
+
+    def no_training(*a, **k):
+        raise AssertionError("a replayed run must not train")
+
+    monkeypatch.setattr(simulator, "run", no_training)
+    (result,) = run_cells([no_bound], tmp_path / "second", reuse=[first])
+    assert result.summary["replayed_from"] == ours.run_dir(first).as_posix()
+    assert result.summary["strategy_params"]["value_confidence"] == 0.0
+    assert result.records == done.records
+    with pytest.raises(AssertionError, match="must not train"):  # the paper objective parts at once
+        run_cells([paper], tmp_path / "third", reuse=[first])
+    assert "allocates differently from round 1; not replayed" in capsys.readouterr().out
+
+    # in place: the run's summary says it ran under an older default (the bound off); it replays
+    summary_path = ours.run_dir(first) / "summary.json"
+    summary = json.loads(summary_path.read_text())
+    older = {**summary["strategy_params"], "value_confidence": 0.0}
+    summary_path.write_text(json.dumps({**summary, "strategy_params": older}))
+    (kept,) = run_cells([ours], first)
+    assert kept.records == done.records and kept.summary["ran_strategy_params"] == older
+    assert "replayed" in capsys.readouterr().out
+    assert (
+        compare_main(
+            [
+                "--config",
+                str(write_spec(tmp_path, variants)),
+                "--seeds",
+                "1",
+                "--no-figures",
+                "--out",
+                str(tmp_path / "second"),
+                "--partial",
+                "--variants",
+                "no bound",
+            ]
+        )
+        == 0
+    )
+    assert "Runs replayed, not trained" in (tmp_path / "second" / "results.md").read_text()

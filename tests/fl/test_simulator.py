@@ -33,6 +33,10 @@ def test_every_strategy_runs_end_to_end_on_the_same_loop(name, tmp_path):
         assert 0.0 <= r["accuracy"] <= 1.0 and 0.0 <= r["device_accuracy_min"] <= 1.0
         assert np.isfinite([r["loss_before"], r["loss_after"]]).all()
         assert r["bytes_up"] > 0 and r["mean_waiting_s"] >= 0
+        reports = r["reports"]  # each device's own report; the record's means are over them
+        assert set(reports) == set(r["arms"])
+        assert np.isclose(np.mean([v["loss_before"] for v in reports.values()]), r["loss_before"])
+        assert all(v["update_norm"] >= 0 for v in reports.values())
     pruned = STRATEGIES[name].prunes
     assert (records[-1]["mean_sparsity"] > 0) == pruned
     assert result.summary["final_accuracy"] == records[-1]["accuracy"]
