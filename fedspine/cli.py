@@ -1,7 +1,9 @@
 """Command line. ``fedspine run --config FILE [section.field=value ...]`` runs a federated
 simulation; ``fedspine config show`` prints the effective config of the same arguments;
 ``fedspine partition`` (same arguments) prints its device partition without training;
-``fedspine demo`` shows the allocator alone on a synthetic fleet (numpy only).
+``fedspine demo`` shows the allocator alone on a synthetic fleet (numpy only); ``fedspine replay
+RUN_DIR strategy.params.x=y`` says whether other strategy parameters would have allocated as a
+finished run did (exit 0: the same run; 1: where it parts).
 Parsing and dispatch only; the work lives in the library.
 
 A user's mistake (a ``fedspine.config.ConfigError``: a bad field, flag, file or a config the
@@ -186,6 +188,33 @@ def _sections() -> str:
     return "\n".join(lines)
 
 
+def _replay(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from fedspine.config import load_config
+    from fedspine.fl.replay import ReplayError, first_divergence
+    from fedspine.logging import read_metrics
+
+    run_dir = Path(args.run_dir)
+    need = require
+    need((run_dir / "config.json").is_file(), "RUN_DIR", "a run folder holding config.json", args.run_dir)
+    need((run_dir / "metrics.jsonl").is_file(), "RUN_DIR", "a run folder holding metrics.jsonl", args.run_dir)
+    need(len(args.overrides) > 0, "overrides", "at least one strategy.params.field=value", args.overrides)
+    ran = load_config(run_dir / "config.json")
+    target = load_config(run_dir / "config.json", args.overrides)
+    records = read_metrics(run_dir)
+    try:
+        parts = first_divergence(records, ran, target)
+    except ReplayError as exc:
+        raise ConfigError(str(exc)) from None
+    change = " ".join(args.overrides)
+    if parts is None:
+        print(f"fedspine: {change}: the same allocation in all {len(records)} rounds, so the same run")
+        return 0
+    print(f"fedspine: {change}: other arms from round {parts} of {len(records)}; the run differs from there")
+    return 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="fedspine", description="Federated prune-and-tune on heterogeneous devices."
@@ -242,6 +271,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _config_arguments(show)
     show.set_defaults(func=_config_show)
+    replay = sub.add_parser(
+        "replay",
+        help="would other strategy parameters have allocated as a finished run did? (no training)",
+        parents=[common],
+    )
+    replay.add_argument("run_dir", metavar="RUN_DIR", help="a run's folder (config.json, metrics.jsonl)")
+    replay.add_argument("overrides", nargs="*", help="strategy.params.field=value (what to change)")
+    replay.set_defaults(func=_replay)
     sub.add_parser(
         "flower",
         help="the same run on Flower: fedspine flower sim|deploy --config FILE [overrides]",

@@ -67,3 +67,16 @@ def test_check_runs_every_check_and_writes_nothing(tmp_path, capsys):
 def test_debug_shows_the_traceback_instead_of_one_line():
     with pytest.raises(ConfigError, match="fleet.devices must be >= 1"):
         main(["run", "--debug", "fleet.devices=0"])
+
+
+def test_replay_says_whether_other_parameters_would_have_allocated_the_same(tmp_path, capsys):
+    assert main(smoke_run(tmp_path)) == 0
+    run_dir = str(tmp_path / "fedspine-seed0")
+    assert main(["replay", run_dir, "strategy.params.objective=paper"]) == 1  # parts: exit 1
+    assert "other arms from round 1 of 2" in capsys.readouterr().out
+    assert main(["replay", run_dir, "strategy.params.value_shrink=0.0"]) == 0  # today's default: the same
+    assert "the same allocation in all 2 rounds" in capsys.readouterr().out
+    assert main(["replay", run_dir, "train.lr=0.1"]) == 2
+    assert "differ in 'train.lr', not only in strategy.params" in capsys.readouterr().err
+    assert main(["replay", str(tmp_path / "nope"), "strategy.params.value_shrink=1"]) == 2
+    assert "RUN_DIR must be a run folder holding config.json" in capsys.readouterr().err
