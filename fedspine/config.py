@@ -48,7 +48,7 @@ STRATEGY_NAMES = (
     "tier-prune",
     "random-arm",
 )
-AGGREGATION_RULES = ("zero-pad", "hetlora", "flexlora", "flora", "fedspine")
+AGGREGATION_RULES = ("zero-pad", "rank-aware", "hetlora", "flexlora", "flora", "fedspine")
 IMPORTANCES = ("lora_gradient", "magnitude", "taylor")
 # FaultConfig.corrupt_kinds (fedspine.fl.faults): what a corrupt update gets wrong
 CORRUPT_KINDS = ("nan", "inf", "shape", "keys", "norm")

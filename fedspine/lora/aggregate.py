@@ -396,6 +396,26 @@ class ZeroPadRule(_Factorised):
 
 
 @dataclass(frozen=True)
+class RankAwareRule(_Factorised):
+    """**Ours** (the rank rule of RBLA, arXiv 2408.08699, with FedAvg's n_k weights): zero-padding
+    in which rank component j is averaged only over the devices that trained it (r_k > j)::
+
+        A[j, c] = Σ_k n_k [j < r_k] [c ∈ C_k] A_k[j, c] / Σ_k n_k [j < r_k] [c ∈ C_k]   (B alike)
+
+    and a component no device trained this round keeps its previous value. Why: under ``zero-pad``
+    a component that every device of a round padded becomes A = 0 and B = 0, where both gradients
+    vanish (dL/dB ∝ A x, dL/dA ∝ Bᵀ): it is dead for good, and a device given that rank later
+    trains exactly what the lower rank trains, at the higher rank's cost. FedSpine starts every
+    device at the lowest rank, so under ``zero-pad`` every higher rank dies in round 1 (a test
+    pins this). Here an unplayed component stays as initialised (A random, B = 0), trainable by
+    the first device that plays it. Distribution: truncation.
+    """
+
+    name: ClassVar[str] = "rank-aware"
+    rank_aware: ClassVar[bool] = True
+
+
+@dataclass(frozen=True)
 class HetLoRARule(_Factorised):
     """HetLoRA (Cho et al., EMNLP 2024, arXiv 2401.06432): zero-padding with sparsity weights.
 
@@ -726,7 +746,8 @@ def flora_stack(
 
 # --- registry -------------------------------------------------------------------------------------
 AGGREGATORS: dict[str, Aggregator] = {
-    rule.name: rule for rule in (ZeroPadRule(), HetLoRARule(), FlexLoRARule(), FLoRARule(), FedSpineRule())
+    rule.name: rule
+    for rule in (ZeroPadRule(), RankAwareRule(), HetLoRARule(), FlexLoRARule(), FLoRARule(), FedSpineRule())
 }
 
 

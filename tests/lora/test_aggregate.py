@@ -106,6 +106,27 @@ def test_zero_pad_by_hand():
     np.testing.assert_allclose(out["m.lora_B"], [[1, 0], [0, 8 / 3]], rtol=1e-6)
 
 
+def test_rank_aware_by_hand():
+    prev = {"m.lora_A": f32([[9, 9], [9, 9], [5, 5]]), "m.lora_B": f32([[9, 9, 5], [9, 9, 5]])}
+    out = get_aggregator("rank-aware").aggregate(prev, MIXED, global_shapes={"m": (2, 2)}, r_max=3)
+    # component 0: both devices, weights 1 and 2; component 1: dev2 only; component 2: nobody
+    np.testing.assert_allclose(out["m.lora_A"], [[1, 0], [0, 1], [5, 5]], rtol=1e-6)
+    np.testing.assert_allclose(out["m.lora_B"], [[1, 0, 5], [0, 4, 5]], rtol=1e-6)
+
+
+def test_zero_pad_kills_a_rank_nobody_played_and_rank_aware_keeps_it():
+    """Round 1 of FedSpine: every device at rank 1 of r_max 2 (the lowest rank). Zero-padding
+    writes A = B = 0 into component 1, where both gradients vanish, so a rank-2 device later
+    trains only component 0; the rank-aware rule keeps the initialised A."""
+    init = {"m.lora_A": f32([[0.5, -0.5], [0.3, 0.7]]), "m.lora_B": f32([[0, 0], [0, 0]])}
+    round1 = [update("m", [[1, 0]], [[3], [1]], 1), update("m", [[0, 1]], [[2], [2]], 1)]
+    dead = get_aggregator("zero-pad").aggregate(init, round1, global_shapes={"m": (2, 2)}, r_max=2)
+    np.testing.assert_array_equal(dead["m.lora_A"][1], [0, 0])
+    np.testing.assert_array_equal(dead["m.lora_B"][:, 1], [0, 0])
+    alive = get_aggregator("rank-aware").aggregate(init, round1, global_shapes={"m": (2, 2)}, r_max=2)
+    np.testing.assert_array_equal(alive["m.lora_A"][1], init["m.lora_A"][1])  # kept as it was
+
+
 def test_hetlora_by_hand():
     out = get_aggregator("hetlora").aggregate({}, MIXED, global_shapes={"m": (2, 2)}, r_max=2)
     # weights n·‖BA‖_F: 1·3 = 3 and 2·4 = 8, total 11; padded zeros count.
@@ -152,7 +173,7 @@ def test_factorised_distribute_truncates_and_slices():
         "classifier.weight": f32([[1, 2]]),
     }
     slices = {"m": Slice(np.array([4, 0, 2]), np.array([1, 3]))}
-    for name in ("zero-pad", "hetlora", "fedspine"):
+    for name in ("zero-pad", "rank-aware", "hetlora", "fedspine"):
         d = get_aggregator(name).distribute(state, slices, 2)
         assert d.base_delta is None
         np.testing.assert_array_equal(d.adapter["m.lora_A"], state["m.lora_A"][:2][:, [1, 3]])
@@ -287,9 +308,9 @@ def test_flora_default_scaling_matches_adapters():
 
 # --- registry, errors, imports ------------------------------------------------------------------
 def test_registry_and_unknown_names():
-    assert set(AGGREGATORS) == {"zero-pad", "hetlora", "flexlora", "flora", "fedspine"}
+    assert set(AGGREGATORS) == {"zero-pad", "rank-aware", "hetlora", "flexlora", "flora", "fedspine"}
     assert get_aggregator("hetlora") is AGGREGATORS["hetlora"]
-    with pytest.raises(ValueError, match="fedspine, flexlora, flora, hetlora, zero-pad"):
+    with pytest.raises(ValueError, match="fedspine, flexlora, flora, hetlora, rank-aware, zero-pad"):
         get_aggregator("fedavg")
     with pytest.raises(ValueError, match="no option"):
         get_aggregator("zero-pad", keep_power=1.0)
