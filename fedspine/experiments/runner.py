@@ -125,6 +125,7 @@ def run_cells(
     strategy's parameters, or whose own finished run ran under a default changed since, is that
     run when its parameters, fed the run's observations, allocate every arm it did
     (``fedspine.fl.replay``; ``replayed_from``)."""
+    from fedspine.fl.replay import params_free_key
     from fedspine.fl.retime import timing_free_key
     from fedspine.fl.simulator import run_in_dir
     from fedspine.fl.strategies import STRATEGIES
@@ -141,7 +142,7 @@ def run_cells(
     # reads the clock and differs from one only there is replayed first (fl.replay).
     replayable: dict[str, list[Path]] = {}
     for k, p in elsewhere.items():
-        replayable.setdefault(_params_free_key(json.loads(k)), []).append(p)
+        replayable.setdefault(params_free_key(json.loads(k)), []).append(p)
     worlds: dict[str, Any] = {}  # model section -> a World, for the time model's shapes
     results = []
     for i, cell in enumerate(cells, 1):
@@ -174,9 +175,10 @@ def run_cells(
         moved = retimable.get(timing_free_key(want)) if not reads_clock else None
         if have is None and source is None and moved is not None:
             have = _retimed(cell, moved, run_dir, label, worlds)
-        for like in replayable.get(_params_free_key(want), []) if reads_clock else []:
-            if have is None and source is None:
-                have = _replayed(cell, like, run_dir, label)
+        if have is None and source is None and reads_clock:
+            for like in replayable.get(params_free_key(want), []):
+                if (have := _replayed(cell, like, run_dir, label)) is not None:
+                    break
         if have is not None and (run_dir / "summary.json").exists():
             print(f"{label}: done before, read back", flush=True)
             results.append(_read_back(cell, run_dir))
@@ -212,11 +214,12 @@ def _remember(
     config: Any,
     run_dir: Path,
 ) -> None:
+    from fedspine.fl.replay import params_free_key
     from fedspine.fl.retime import timing_free_key
 
     elsewhere.setdefault(_config_key(config), run_dir)
     effects.setdefault(_effect_key(config) or "", run_dir)
-    replayable.setdefault(_params_free_key(config), []).append(run_dir)
+    replayable.setdefault(params_free_key(config), []).append(run_dir)
     retimable.setdefault(timing_free_key(config), run_dir)
 
 
@@ -248,14 +251,6 @@ def _retimed(cell: Cell, source: Path, run_dir: Path, label: str, worlds: dict[s
     write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2, default=float))
     print(f"{label}: the same training finished in {source} on another fleet; retimed", flush=True)
     return _wanted(cell)
-
-
-def _params_free_key(config: Any) -> str:
-    """Canonical JSON of a config dict without the strategy's parameters and the ``log`` section."""
-    plain = json.loads(json.dumps(config))
-    plain.pop("log", None)
-    plain.get("strategy", {}).pop("params", None)
-    return json.dumps(plain, sort_keys=True)
 
 
 def _replayed(cell: Cell, source: Path, run_dir: Path, label: str) -> Any:

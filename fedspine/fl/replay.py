@@ -17,7 +17,7 @@ parameters (and where the run logs), and runs whose records predate per-device `
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,23 +45,28 @@ class _Report:
     update_norm: float
 
 
+def params_free_key(config: Mapping[str, Any]) -> str:
+    """Canonical JSON of a config dict without ``strategy.params`` and the ``log`` section (where a
+    run writes): runs with the same key can be replayed into one another."""
+    return json.dumps(_params_free(config), sort_keys=True)
+
+
+def _params_free(config: Mapping[str, Any]) -> dict[str, Any]:
+    plain = json.loads(json.dumps(config, default=str))
+    plain.pop("log", None)
+    plain.get("strategy", {}).pop("params", None)
+    return plain
+
+
 def check_replayable(source: RunConfig, target: RunConfig) -> None:
     """Raise ``ReplayError`` unless ``source`` and ``target`` differ only in ``strategy.params``."""
-    a, b = _without_params(source), _without_params(target)
-    if a != b:
-        where = next(k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
-        raise ReplayError(f"the configs differ in {where!r}, not only in strategy.params: nothing to replay")
-
-
-def _without_params(cfg: RunConfig) -> dict[str, Any]:
-    plain = json.loads(json.dumps(cfg.to_dict(), default=str))
-    plain.pop("log", None)
-    plain["strategy"].pop("params", None)
-    return {f"{section}.{k}": v for section, fields in plain.items() for k, v in _items(fields)}
-
-
-def _items(fields: Any) -> list[tuple[str, Any]]:
-    return sorted(fields.items()) if isinstance(fields, dict) else [("", fields)]
+    a, b = _params_free(source.to_dict()), _params_free(target.to_dict())
+    for section in sorted(set(a) | set(b)):
+        x, y = a.get(section), b.get(section)
+        if x != y:
+            keys = sorted(set(x) | set(y)) if isinstance(x, dict) and isinstance(y, dict) else []
+            field = next((f"{section}.{k}" for k in keys if x.get(k) != y.get(k)), section)
+            raise ReplayError(f"the configs differ in {field!r}, not only in strategy.params: cannot replay")
 
 
 def first_divergence(records: Sequence[dict[str, Any]], source: RunConfig, target: RunConfig) -> int | None:
@@ -90,4 +95,4 @@ def first_divergence(records: Sequence[dict[str, Any]], source: RunConfig, targe
     return None
 
 
-__all__ = ["ReplayError", "check_replayable", "first_divergence"]
+__all__ = ["ReplayError", "check_replayable", "first_divergence", "params_free_key"]
